@@ -1,0 +1,1 @@
+"""Forestall balancer: a least-loaded stream proxy for GPU inference and MCP."""

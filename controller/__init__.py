@@ -1,0 +1,1 @@
+"""Forestall controller: the reconcile loop, the ScalingPolicy API and the `forestall` CLI."""

@@ -1,0 +1,36 @@
+"""The controller's errors: one base class, few subclasses, third-party errors translated at the seam.
+
+    ForestallError
+    ├── InvalidPolicy        a ScalingPolicy that fails validation (lines name field, value and fix)
+    └── ClusterError         the Kubernetes API failed (kube.py translates ApiException)
+        ├── Conflict         409: stale resourceVersion; requeue and retry with a fresh read
+        └── NotFound         404: the object is gone
+
+Always `raise ... from exc` so the original error stays attached.
+"""
+
+from __future__ import annotations
+
+
+class ForestallError(Exception):
+    """Base of every error the controller raises on purpose."""
+
+
+class InvalidPolicy(ForestallError, ValueError):
+    """A ScalingPolicy failed validation; `lines` holds one message per problem."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("; ".join(lines))
+
+
+class ClusterError(ForestallError):
+    """The Kubernetes API failed in a way the caller did not ask for."""
+
+
+class Conflict(ClusterError):
+    """409 Conflict: the object changed since it was read; re-read and retry."""
+
+
+class NotFound(ClusterError):
+    """404 Not Found: the object does not exist (any more)."""
