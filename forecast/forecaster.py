@@ -1,0 +1,366 @@
+"""The Forecaster: fit a demand history, fold in new samples, forecast quantiles of the peak.
+
+This is the one interface the controller and the simulator use (see notes/contracts.md). It keeps the
+history on a regular grid, fits the candidate models, and for each horizon it is asked about runs a
+rolling-origin backtest over the recent history: that backtest both picks the model (`auto` keeps the one,
+or the blend of the best two, with the lowest out-of-sample pinball loss of the peak) and calibrates its
+quantiles by split conformal prediction (`forecast.calibration`). The result is cached per horizon, so the
+controller's steady state (`update` every 15-30 s, then `forecast` at the same horizon) costs one central
+path and a few array additions. Every `refit_every_s` of new data the models are refitted and the
+calibrations recomputed on the next forecast.
+
+Short histories (too short for enough calibration origins) fall back to the recent maximum with a band
+widened by the recent spread, labelled `recent_max_fallback`.
+
+It does not read clocks or files or talk to anything: timestamps come in with the data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import Self
+
+import numpy as np
+import numpy.typing as npt
+
+from forecast import calibration, models, series
+from forecast.errors import NotFittedError
+
+FloatArray = npt.NDArray[np.float64]
+
+MODEL_NAMES = (
+    "auto",
+    "naive",
+    "recent_max",
+    "snaive_day",
+    "snaive_week",
+    "profile_day",
+    "profile_week",
+    "gbm",
+)
+"""Accepted `model` values: `auto`, or one model forced."""
+
+MIN_POINTS = 3
+"""Fewer valid samples than this is too short for any model, even the fallback."""
+
+HISTORY_S = 5 * models.WEEK_S
+"""History kept: four weeks for a weekly profile plus calibration; older samples are dropped."""
+
+CALIBRATION_S = 2 * models.DAY_S
+"""Recent span whose origins calibrate and rank the models: two days see both peaks and troughs."""
+
+MAX_ORIGINS = 300
+"""Calibration origins per horizon, evenly spaced: enough for a 95% quantile, cheap to recompute."""
+
+FALLBACK_BAND = 2.0
+"""The fallback's band is this many recent spreads per unit of normal quantile: deliberately wide."""
+
+
+@dataclass(frozen=True)
+class ForecastResult:
+    """Quantile forecasts over the next `horizon_steps` steps after `origin_s`."""
+
+    paths: dict[float, FloatArray]
+    """Per-step q-quantile path, shape `(horizon_steps,)`, finite and >= 0."""
+    peak: dict[float, float]
+    """The q-quantile of max(demand) over the horizon, >= the largest per-step value of `paths[q]`."""
+    model: str
+    horizon_steps: int
+    step_s: float
+    origin_s: float
+    """Unix time of the last sample; step i of a path is at `origin_s + (i + 1) * step_s`."""
+
+
+@dataclass
+class _HorizonFit:
+    model: str
+    components: list[models.Model]
+    calib: calibration.Calibration | None
+    scores: dict[str, float]
+
+
+class Forecaster:
+    """Calibrated quantile forecasts of a demand series' peak, scikit-learn style.
+
+    Args:
+        model: `auto` (pick or blend by backtest) or one of `MODEL_NAMES`.
+        step_s: the series' step in seconds.
+        horizon_steps: optional horizon to calibrate for during `fit` (otherwise on first `forecast`).
+        season_steps: seasonal periods in steps (default: a day and a week, when the step divides them).
+        refit_every_s: how much new data `update` folds in before models are refitted and recalibrated.
+        global_model: a fitted `forecast.gbm.GlobalGBM` to use as the `gbm` candidate instead of fitting one
+            on this series alone.
+    """
+
+    def __init__(
+        self,
+        model: str = "auto",
+        step_s: float = 60.0,
+        *,
+        horizon_steps: int | None = None,
+        season_steps: tuple[int, ...] = (),
+        refit_every_s: float = 3600.0,
+        history_s: float = HISTORY_S,
+        calibration_s: float = CALIBRATION_S,
+        max_origins: int = MAX_ORIGINS,
+        global_model: object | None = None,
+    ) -> None:
+        self.model = model
+        self.step_s = step_s
+        self.horizon_steps = horizon_steps
+        self.season_steps = season_steps
+        self.refit_every_s = refit_every_s
+        self.history_s = history_s
+        self.calibration_s = calibration_s
+        self.max_origins = max_origins
+        self.global_model = global_model
+
+    # -- public API -------------------------------------------------------------------------------------------
+
+    def fit(self, timestamps: object, values: object) -> Self:
+        """Learn from a history (unix seconds on a regular step; NaN and gaps allowed).
+
+        Raises:
+            ValueError: bad shapes, non-increasing or off-grid timestamps, negative values, all NaN, or
+                fewer than `MIN_POINTS` valid samples; an unknown `model` or a bad `step_s`.
+        """
+        self._check_params()
+        ts, vs = series.check_arrays(timestamps, values)
+        _, grid = series.to_grid(ts, vs, self.step_s, origin_s=float(ts[0]))
+        self.origin_s_ = float(ts[0])
+        self.pos0_ = round(self.origin_s_ / self.step_s)
+        self.y_ = grid
+        self._trim()
+        self._refit()
+        if self.horizon_steps is not None:
+            self._horizon_fit(self.horizon_steps)
+        return self
+
+    def update(self, timestamps: object, values: object) -> Self:
+        """Fold in new samples; samples at already-known times overwrite them (late corrections).
+
+        Cheap: the models are refitted only after `refit_every_s` of new data.
+        """
+        self._check_fitted()
+        ts = np.asarray(timestamps, dtype=np.float64)
+        if ts.size == 0 and np.asarray(values).size == 0:
+            return self
+        ts, vs = series.check_arrays(ts, values)
+        pos = (ts - self.origin_s_) / self.step_s
+        idx = np.rint(pos)
+        off = np.abs(pos - idx)
+        if np.any(off > series.GRID_TOLERANCE):
+            i = int(np.argmax(off > series.GRID_TOLERANCE))
+            raise ValueError(
+                f"update timestamps are not on the fitted step of {self.step_s} s: sample {i} at {ts[i]!r} "
+                f"is {off[i] * self.step_s:.3f} s off the grid that starts at {self.origin_s_!r}"
+            )
+        idx_i = idx.astype(np.int64)
+        keep = idx_i >= 0
+        idx_i, vs = idx_i[keep], vs[keep]
+        if idx_i.size == 0:
+            return self
+        n_old = self.y_.size
+        n_new = max(n_old, int(idx_i[-1]) + 1)
+        if n_new > n_old:
+            self.y_ = np.concatenate([self.y_, np.full(n_new - n_old, np.nan)])
+        self.y_[idx_i] = vs
+        self.steps_since_fit_ += n_new - n_old
+        if n_new > n_old:
+            self._trim()
+        if self.steps_since_fit_ * self.step_s >= self.refit_every_s:
+            self._refit()
+        return self
+
+    def forecast(self, horizon_steps: int, quantiles: Sequence[float] = (0.95,)) -> ForecastResult:
+        """Quantile paths and peak quantiles over the next `horizon_steps` steps.
+
+        Raises:
+            NotFittedError: before `fit`.
+            ValueError: `horizon_steps` not a positive integer, or a quantile outside (0, 1).
+        """
+        self._check_fitted()
+        if (
+            isinstance(horizon_steps, bool)
+            or not isinstance(horizon_steps, int | np.integer)
+            or horizon_steps < 1
+        ):
+            raise ValueError(f"horizon_steps must be a positive integer, got {horizon_steps!r}")
+        qs = _check_quantiles(quantiles)
+        hf = self._horizon_fit(int(horizon_steps))
+        ends = np.array([self.y_.size], dtype=np.int64)
+        last_valid = float(self.y_[~np.isnan(self.y_)][-1]) if np.any(~np.isnan(self.y_)) else 0.0
+        if hf.calib is None:
+            paths, peaks = _fallback(self.y_, int(horizon_steps), qs, last_valid)
+        else:
+            center = np.mean(
+                [m.predict(self.y_, ends, int(horizon_steps), pos0=self.pos0_)[0] for m in hf.components],
+                axis=0,
+            )
+            paths, peaks = hf.calib.quantiles(center, qs)
+        self.model_name_ = hf.model
+        origin = self.origin_s_ + (self.y_.size - 1) * self.step_s
+        return ForecastResult(
+            paths={q: paths[q] for q in qs},
+            peak={q: peaks[q] for q in qs},
+            model=hf.model,
+            horizon_steps=int(horizon_steps),
+            step_s=self.step_s,
+            origin_s=origin,
+        )
+
+    # -- internals used by forecast.backtest ------------------------------------------------------------------
+
+    def _horizon_fit(self, horizon: int) -> _HorizonFit:
+        hf = self.horizons_.get(horizon)
+        if hf is None:
+            hf = self._calibrate(horizon)
+            self.horizons_[horizon] = hf
+            self.model_name_ = hf.model
+        return hf
+
+    def _refit(self) -> None:
+        y = self.y_
+        n_valid = int(np.sum(~np.isnan(y)))
+        if n_valid == 0:
+            raise ValueError("all values are NaN: nothing to learn from")
+        if n_valid < MIN_POINTS:
+            raise ValueError(
+                f"series too short for any model: {n_valid} valid samples, need at least {MIN_POINTS}"
+            )
+        self.horizons_: dict[int, _HorizonFit] = {}
+        self.steps_since_fit_ = 0
+        self.model_name_ = "recent_max_fallback"
+
+    def _candidates(self, n_steps: int) -> list[models.Model]:
+        cands = models.candidate_models(self.step_s, n_steps, season_steps=self.season_steps)
+        gbm = self._gbm_candidate(n_steps)
+        if gbm is not None:
+            cands.append(gbm)
+        if self.model != "auto":
+            cands = [m for m in cands if m.name == self.model]
+        return cands
+
+    def _gbm_candidate(self, n_steps: int) -> models.Model | None:
+        if self.model not in ("auto", "gbm"):
+            return None
+        try:
+            from forecast import gbm
+        except ImportError:  # pragma: no cover - gbm ships with the package
+            return None
+        return gbm.candidate(
+            self.step_s, n_steps, global_model=self.global_model, season_steps=self.season_steps
+        )
+
+    def _calibrate(self, horizon: int) -> _HorizonFit:
+        y, pos0 = self.y_, self.pos0_
+        n = y.size
+        cal_len = min(
+            max(round(self.calibration_s / self.step_s), 3 * horizon + calibration.MIN_ORIGINS), n // 2
+        )
+        first_end = n - cal_len
+        last_end = n - horizon
+        cands = [m for m in self._candidates(first_end) if first_end >= m.min_history_steps]
+        if last_end - first_end + 1 < calibration.MIN_ORIGINS or not cands:
+            return _HorizonFit("recent_max_fallback", [], None, {})
+        count = min(self.max_origins, last_end - first_end + 1)
+        ends = np.unique(np.linspace(first_end, last_end, count).round().astype(np.int64))
+        actuals = y[ends[:, None] + np.arange(horizon)[None, :]]
+        usable = ~np.all(np.isnan(actuals), axis=1)
+        ends, actuals = ends[usable], actuals[usable]
+        if ends.size < calibration.MIN_ORIGINS:
+            return _HorizonFit("recent_max_fallback", [], None, {})
+        head = y[:first_end]
+        centers: dict[str, FloatArray] = {}
+        fitted: dict[str, models.Model] = {}
+        for m in cands:
+            try:
+                m.fit(head, pos0=pos0)
+            except ValueError:
+                continue
+            centers[m.name] = m.predict(y, ends, horizon, pos0=pos0)
+            fitted[m.name] = m
+        if not centers:
+            return _HorizonFit("recent_max_fallback", [], None, {})
+        scores = {
+            name: min(calibration.split_loss(c, actuals, power=p) for p in calibration.POWERS)
+            for name, c in centers.items()
+        }
+        ranked = sorted(scores, key=scores.__getitem__)
+        choice = [ranked[0]]
+        if self.model == "auto" and len(ranked) >= 2:
+            blend = (centers[ranked[0]] + centers[ranked[1]]) / 2
+            b_name = f"blend({ranked[0]},{ranked[1]})"
+            scores[b_name] = min(calibration.split_loss(blend, actuals, power=p) for p in calibration.POWERS)
+            if scores[b_name] < scores[ranked[0]]:
+                choice = ranked[:2]
+                centers[b_name] = blend
+        name = choice[0] if len(choice) == 1 else f"blend({choice[0]},{choice[1]})"
+        calib = calibration.Calibration.fit(centers[name], actuals)
+        comps = [fitted[c] for c in choice]
+        # Refit the chosen models on the whole history for live forecasts (the profile sees the last days);
+        # the gradient-boosted model keeps its calibration-time fit, which is the costly one.
+        for m in comps:
+            if m.name != "gbm":
+                m.fit(y, pos0=pos0)
+        return _HorizonFit(name, comps, calib, scores)
+
+    def _trim(self) -> None:
+        keep = round(self.history_s / self.step_s)
+        extra = self.y_.size - keep
+        if extra > keep // 4:
+            self.y_ = self.y_[extra:].copy()
+            self.origin_s_ += extra * self.step_s
+            self.pos0_ += extra
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "y_"):
+            raise NotFittedError("this Forecaster is not fitted yet: call fit(timestamps, values) first")
+
+    def _check_params(self) -> None:
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}; got {self.model!r}")
+        if not (isinstance(self.step_s, int | float) and math.isfinite(self.step_s) and self.step_s > 0):
+            raise ValueError(f"step_s must be a positive number of seconds, got {self.step_s!r}")
+        if self.horizon_steps is not None and (
+            not isinstance(self.horizon_steps, int) or self.horizon_steps < 1
+        ):
+            raise ValueError(f"horizon_steps must be a positive integer or None, got {self.horizon_steps!r}")
+        if self.refit_every_s <= 0 or self.history_s <= 0 or self.calibration_s <= 0 or self.max_origins < 1:
+            raise ValueError("refit_every_s, history_s, calibration_s and max_origins must be positive")
+
+
+def _check_quantiles(quantiles: Sequence[float]) -> tuple[float, ...]:
+    try:
+        qs = tuple(float(q) for q in quantiles)
+    except TypeError as exc:
+        raise ValueError(f"quantiles must be a sequence of numbers in (0, 1), got {quantiles!r}") from exc
+    if not qs:
+        raise ValueError("quantiles must not be empty")
+    bad = [q for q in qs if not 0.0 < q < 1.0]
+    if bad:
+        raise ValueError(f"quantiles must lie strictly between 0 and 1, got {bad}")
+    return qs
+
+
+def _fallback(
+    y: FloatArray, horizon: int, quantiles: Sequence[float], last_valid: float
+) -> tuple[dict[float, FloatArray], dict[float, float]]:
+    """Robust recent max with a wide band: for histories too short to calibrate anything."""
+    window = y[-max(horizon, 2 * MIN_POINTS) :]
+    finite = window[~np.isnan(window)]
+    if finite.size == 0:
+        finite = np.array([last_valid])
+    base = float(finite.max())
+    spread = float(np.std(finite)) + math.sqrt(max(base, 0.0)) + 0.1 * base
+    paths: dict[float, FloatArray] = {}
+    peaks: dict[float, float] = {}
+    for q in sorted(quantiles):
+        z = NormalDist().inv_cdf(q)
+        value = max(0.0, base + FALLBACK_BAND * z * spread)
+        paths[q] = np.full(horizon, value)
+        peaks[q] = value
+    return paths, peaks
