@@ -2,18 +2,53 @@
 
 No I/O and no clock: time is the `now` argument, demand history and its forecast come in `history`, what the
 balancer sees now comes in `signals`, and the cluster comes as a snapshot. The live controller, the simulator
-and the tests all run this same code.
+and the tests all run this same code, at every reconcile, so it stays cheap (no fitting, one binary search
+into the history, a few passes over the pods).
 
 The forecast itself is computed by the caller (the loop or the simulator fits and updates a
 `forecast` model and passes the peak quantile over the horizon in `history.forecast`), because fitting is the
-expensive part and the caller can cache it across reconciles; `decide` only reads it.
+expensive part and the caller can cache it across reconciles; `decide` only reads it. `horizon_s()` tells the
+caller which horizon to forecast.
 
-(Body: see the controller issue; this module's types are the seam other components code against.)
+How it decides (every branch adds a `Reason`):
+
+- **Serving target.** Replicas that should take new streams = the largest of the reactive floor (what demand
+  needs right now: balancer active streams plus the admission queue, or the newest history sample), the
+  forecast quantile of the peak over the horizon, and the hotspot floor; clamped to `replicas.min/max`.
+  The forecast only ever raises capacity above the floor. Backend-reported waiting (`queued_streams`) is not
+  added: the balancer counts a stream as active from pick to last byte, so those are already in it.
+- **Horizon.** Node provisioning + pod start + model load, each measured (`ClusterState.measured_*`) when the
+  controller has measured it and the policy's prior otherwise; `leadTime.horizonSeconds` when nothing has been
+  measured yet and the operator set it.
+- **Capacity already on its way counts.** Serving replicas = `spec_replicas` minus pods marked for draining, so
+  pods pending or starting are never added twice.
+- **Scale-down** needs all demand data fresh, a history that covers the stabilization window, and the most
+  replicas any sample in that window needed (and the forecast) to stay below the serving count. At most
+  `maxPodsPerMinute` pods are marked per minute (counted from the drain marks' start times). Pods are
+  chosen by fewest active streams and sessions (pending before starting before ready, newest first), marked
+  (`Plan.drain`), and removed (`Plan.remove` with the lowest deletion cost) once empty or at the drain
+  timeout, but never before `MIN_DRAIN_S`: the balancers must see the mark before the pod goes, and a
+  marked pod staying visible that long keeps the per-minute count exact.
+- **Undrain** when demand comes back: marked pods are returned to service before any new pod is added.
+- **Hotspots.** A backend the balancer flags hot (sustained) whose load is session-bound cannot be cooled by
+  rebalancing: its pinned sessions stay. Each such backend counts as a whole replica of its own and the rest
+  of demand is spread over the others, which can raise the target (`HotspotCapacity`).
+- **Missing or stale data** (history, the forecast, or signals when `demand.balancer` is set): hold. Never
+  below current capacity or any fresh demand figure, no new drains, no removals, marked pods undrained,
+  provisioned GPUs kept; `demand_data_available=False` with the reason.
+- **Provisioner.** With `provisioner.type: pods` the replicas themselves are the lead (pending pods drive
+  Karpenter or cluster-autoscaler) and `provision_gpus` is 0. With a buffer, placeholder or provisioning
+  request, replicas follow the peak over the pod horizon only (pod start + model load, read off the
+  forecast path) and GPUs for the rest of the full-horizon peak are held through the provisioner.
+
+What it does not do: fit forecasts, read clocks or APIs, or apply anything (`controller.loop`/`controller.kube`
+or the simulator apply the `Plan`). Hot backends that are not session-bound are left to the balancer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,6 +147,105 @@ class Plan:
     """Concurrent streams now, as decide() saw them."""
 
 
+RATE_WINDOW_S = 60.0
+"""`scaleDown.maxPodsPerMinute` counts drain marks set within this window."""
+
+MIN_DRAIN_S = RATE_WINDOW_S
+"""A marked pod is removed no sooner than this: every balancer replica sees the mark (watch latency is
+seconds) before the pod goes, and a mark stays visible for the whole rate window, so the count is exact."""
+
+SESSION_BOUND_FRACTION = 0.5
+"""A hot backend is session-bound (rebalancing cannot cool it) when it holds at least this many open
+sessions per active stream: new sessionless streams already avoid it, pinned sessions keep coming back."""
+
+_EPS = 1e-9
+"""Slack so that 32.0 streams at 16 per replica is 2 replicas, not 3, after float arithmetic."""
+
+_INT32_MIN = -(2**31)
+"""Lowest value `controller.kubernetes.io/pod-deletion-cost` accepts (it is an int32)."""
+
+REASON_CODES: tuple[str, ...] = (
+    "ReactiveFloor",
+    "ForecastPeak",
+    "HotspotCapacity",
+    "ClampedToMin",
+    "ClampedToMax",
+    "ScaleUp",
+    "Undrain",
+    "ScaleDown",
+    "StabilizationWindow",
+    "ScaleDownRateLimited",
+    "DrainWaiting",
+    "DrainComplete",
+    "DrainTimeout",
+    "Steady",
+    "HistoryMissing",
+    "HistoryStale",
+    "ForecastMissing",
+    "ForecastStale",
+    "SignalsMissing",
+    "SignalsStale",
+    "HoldingCapacity",
+)
+"""Every `Reason.code` a plan can carry (fixed, so metrics can label by it without unbounded cardinality)."""
+
+_NOT_STEADY = frozenset(
+    {
+        "ScaleUp",
+        "Undrain",
+        "ScaleDown",
+        "HoldingCapacity",
+        "StabilizationWindow",
+        "ScaleDownRateLimited",
+        "DrainWaiting",
+    }
+)
+
+_PHASE_RANK = {"pending": 0, "starting": 1, "ready": 2, "terminating": 3}
+"""Cheapest pods to lose first: pending ones serve nothing and may be holding a node request open."""
+
+
+def horizon_s(spec: policy.ScalingPolicySpec, state: cluster.ClusterState) -> float:
+    """The forecast horizon: measured node + pod + model-load lead times, the policy's priors where unmeasured.
+
+    `leadTime.horizonSeconds`, when set, stands in for the priors until the controller has measured a stage.
+    """
+    lead = spec.lead_time
+    measured = (state.measured_node_provisioning_s, state.measured_pod_start_s, state.measured_model_load_s)
+    if all(m is None for m in measured):
+        return lead.total_s
+    return _or(measured[0], lead.node_provisioning_s) + pod_horizon_s(spec, state)
+
+
+def pod_horizon_s(spec: policy.ScalingPolicySpec, state: cluster.ClusterState) -> float:
+    """Pod start + model load (measured or prior): how far ahead a pod must be created on a ready node."""
+    lead = spec.lead_time
+    return _or(state.measured_pod_start_s, lead.pod_start_s) + _or(
+        state.measured_model_load_s, lead.model_load_s
+    )
+
+
+def replicas_for(streams: float, streams_per_replica: int) -> int:
+    """Replicas needed to carry `streams` concurrent streams (0 for no demand)."""
+    if not math.isfinite(streams) or streams <= 0:
+        return 0
+    return math.ceil(streams / streams_per_replica - _EPS)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The freshness verdict on the inputs and the figures taken from the fresh ones."""
+
+    missing: tuple[Reason, ...]
+    observed: float | None
+    floor_replicas: int
+    forecast: PeakForecast | None
+    pod_load: Mapping[str, int]
+    """Pod name -> active streams + open sessions, from fresh signals; empty when signals are not fresh."""
+
+    signals_fresh: bool
+
+
 def decide(
     spec: policy.ScalingPolicySpec,
     now: float,
@@ -119,5 +253,410 @@ def decide(
     signals: SignalsSnapshot | None,
     state: cluster.ClusterState,
 ) -> Plan:
-    """Decide replicas, pre-provisioned GPUs, drains and annotations for one policy at time `now`."""
-    raise NotImplementedError("decide() lands with the controller issue")
+    """Decide replicas, pre-provisioned GPUs, drains and annotations for one policy at time `now`.
+
+    History is required whatever its source (the stabilization window is read from it; a controller
+    without Prometheus builds it from the signals it collects), its forecast too, and signals when the policy
+    names a balancer. See the module docstring for the rules.
+    """
+    spr = spec.capacity.streams_per_replica
+    lo, hi = spec.replicas.min, spec.replicas.max
+    inputs = _read_inputs(spec, now, history, signals)
+    reasons: list[Reason] = []
+
+    # What should serve, before stabilization.
+    wanted = inputs.floor_replicas
+    if inputs.observed is not None:
+        reasons.append(
+            Reason(
+                "ReactiveFloor",
+                f"current demand of {inputs.observed:g} streams needs {inputs.floor_replicas} replicas "
+                f"at {spr} streams each",
+            )
+        )
+    hot = _hotspot_replicas(signals, inputs, spr)
+    if hot is not None and hot[0] > wanted:
+        wanted = hot[0]
+        reasons.append(Reason("HotspotCapacity", hot[1]))
+    full_peak_replicas = 0
+    if inputs.forecast is not None:
+        fc = inputs.forecast
+        full_peak_replicas = replicas_for(fc.value, spr)
+        peak_replicas = full_peak_replicas
+        horizon_note = f"over the next {fc.horizon_s:g} s"
+        if spec.provisioner.type != "pods" and fc.path:
+            short = pod_horizon_s(spec, state)
+            steps = max(1, math.ceil(len(fc.path) * min(1.0, short / fc.horizon_s) - _EPS))
+            peak_replicas = min(full_peak_replicas, replicas_for(max(fc.path[:steps]), spr))
+            horizon_note = f"over the pod horizon of {short:g} s (nodes held for {fc.horizon_s:g} s)"
+        if peak_replicas > wanted:
+            wanted = peak_replicas
+            reasons.append(
+                Reason(
+                    "ForecastPeak",
+                    f"forecast q{fc.quantile:g} peak of {fc.value:g} streams {horizon_note} needs "
+                    f"{peak_replicas} replicas",
+                )
+            )
+    target = _clamp(wanted, lo, hi, reasons, what="demand")
+
+    live = [p for p in state.pods if p.phase != "terminating"]
+    draining = [p for p in live if p.drain_started_s is not None]
+    serving_now = max(0, state.spec_replicas - len(draining))
+    available = not inputs.missing
+
+    undrain: list[cluster.PodState] = []
+    drain: list[cluster.PodState] = []
+    new_pods = 0
+    if not available:
+        reasons[:0] = inputs.missing  # the first reason says why capacity is held
+        undrain = list(draining)
+        held = max(target, state.spec_replicas)
+        new_pods = held - state.spec_replicas
+        reasons.append(
+            Reason(
+                "HoldingCapacity",
+                f"demand data incomplete: holding {held} replicas (no drains, no removals"
+                + (f", {len(undrain)} drained pods returned to service" if undrain else "")
+                + ")",
+            )
+        )
+    elif target > serving_now:
+        deficit = target - serving_now
+        undrain = sorted(draining, key=lambda p: (-inputs.pod_load.get(p.name, 0), -(p.drain_started_s or 0)))
+        undrain = undrain[:deficit]
+        new_pods = deficit - len(undrain)
+        if undrain:
+            reasons.append(
+                Reason("Undrain", f"demand came back: returning {len(undrain)} draining pods to service")
+            )
+        if new_pods:
+            reasons.append(Reason("ScaleUp", f"scaling up from {serving_now} to {target} serving replicas"))
+    else:
+        drain = _scale_down(
+            spec,
+            now,
+            history,
+            state,
+            target=target,
+            serving_now=serving_now,
+            live=live,
+            inputs=inputs,
+            reasons=reasons,
+        )
+
+    # Removals: marked pods that are empty or past the drain timeout (never with missing data).
+    kept_draining = [p for p in draining if p not in undrain]
+    remove: list[cluster.PodState] = []
+    if available:
+        remove = _removable(spec, now, kept_draining, inputs, reasons)
+
+    desired = state.spec_replicas + new_pods - len(remove)
+    if (
+        not any(r.code in {"ScaleUp", "Undrain", "ScaleDown", "HoldingCapacity"} for r in reasons)
+        and not remove
+    ):
+        reasons.append(Reason("Steady", f"{serving_now} serving replicas cover demand and the forecast"))
+
+    return Plan(
+        desired_replicas=desired,
+        provision_gpus=_provision(
+            spec, state, available=available, target=target, full_peak=full_peak_replicas
+        ),
+        drain=tuple(p.name for p in drain),
+        undrain=tuple(p.name for p in undrain),
+        remove=tuple(p.name for p in remove),
+        deletion_cost=_deletion_costs(live, remove),
+        do_not_disrupt=_do_not_disrupt(live, inputs, remove),
+        reasons=tuple(reasons),
+        demand_data_available=available,
+        forecast=inputs.forecast,
+        observed_demand=inputs.observed,
+    )
+
+
+def _read_inputs(
+    spec: policy.ScalingPolicySpec, now: float, history: DemandHistory | None, signals: SignalsSnapshot | None
+) -> _Inputs:
+    """Judge each input fresh or not and take the current demand from the fresh ones."""
+    stale_s = spec.demand.stale_after_s
+    missing: list[Reason] = []
+    demands: list[float] = []
+    forecast: PeakForecast | None = None
+
+    last_ts: float | None = None
+    if history is None or history.values.size == 0:
+        missing.append(Reason("HistoryMissing", "no demand history has been read yet"))
+    else:
+        i = _last_finite(history.values)
+        if i is None:
+            missing.append(Reason("HistoryMissing", "the demand history holds no samples (all missing)"))
+        else:
+            last_ts = float(history.timestamps[i])
+            fetched = history.fetched_s if history.fetched_s is not None else last_ts
+            data_age = now - last_ts
+            if now - fetched > stale_s:
+                missing.append(
+                    Reason(
+                        "HistoryStale",
+                        f"demand history last read {now - fetched:.0f} s ago (stale after {stale_s:g} s)",
+                    )
+                )
+            elif data_age > stale_s + history.step_s:
+                missing.append(
+                    Reason(
+                        "HistoryStale",
+                        f"newest demand sample is {data_age:.0f} s old (stale after {stale_s:g} s)",
+                    )
+                )
+            else:
+                demands.append(max(0.0, float(history.values[i])))
+        fc = history.forecast
+        if fc is None:
+            missing.append(Reason("ForecastMissing", "no forecast of the peak over the horizon"))
+        else:
+            made = fc.computed_s if fc.computed_s > 0 else (history.fetched_s or last_ts or 0.0)
+            if now - made > stale_s or not math.isfinite(fc.value):
+                missing.append(
+                    Reason(
+                        "ForecastStale", f"forecast made {now - made:.0f} s ago (stale after {stale_s:g} s)"
+                    )
+                )
+            else:
+                forecast = fc
+
+    pod_load: dict[str, int] = {}
+    signals_fresh = False
+    if signals is None:
+        if spec.demand.balancer is not None:
+            missing.append(Reason("SignalsMissing", "no balancer replica's /signals could be read"))
+    elif now - signals.time_s > stale_s:
+        missing.append(
+            Reason(
+                "SignalsStale",
+                f"balancer signals are {now - signals.time_s:.0f} s old (stale after {stale_s:g} s)",
+            )
+        )
+    else:
+        signals_fresh = True
+        demands.append(float(signals.active_streams + signals.admission_queue))
+        for b in signals.backends.values():
+            if b.pod is not None:
+                pod_load[b.pod] = pod_load.get(b.pod, 0) + b.active_streams + b.open_sessions
+
+    observed = max(demands) if demands else None
+    floor = replicas_for(observed, spec.capacity.streams_per_replica) if observed is not None else 0
+    return _Inputs(tuple(missing), observed, floor, forecast, pod_load, signals_fresh)
+
+
+def _hotspot_replicas(signals: SignalsSnapshot | None, inputs: _Inputs, spr: int) -> tuple[int, str] | None:
+    """Replicas needed when session-bound hot backends cannot shed load: one each, the rest spread evenly."""
+    if signals is None or not inputs.signals_fresh:
+        return None
+    hot = [
+        b
+        for b in signals.backends.values()
+        if b.hotspot and b.open_sessions > 0 and b.open_sessions >= SESSION_BOUND_FRACTION * b.active_streams
+    ]
+    if not hot:
+        return None
+    hot_streams = sum(b.active_streams for b in hot)
+    rest = max(0.0, (inputs.observed or 0.0) - hot_streams)
+    need = len(hot) + replicas_for(rest, spr)
+    names = ", ".join(
+        f"{b.pod or b.address} ({b.open_sessions} sessions, {b.active_streams} streams)" for b in hot[:3]
+    )
+    more = f" and {len(hot) - 3} more" if len(hot) > 3 else ""
+    return need, (
+        f"{len(hot)} hot backends are session-bound and rebalancing cannot move their sessions: {names}{more}; "
+        f"{need} replicas keep the rest of demand within capacity"
+    )
+
+
+def _clamp(wanted: int, lo: int, hi: int, reasons: list[Reason], *, what: str) -> int:
+    if wanted < lo:
+        reasons.append(Reason("ClampedToMin", f"{what} needs {wanted} replicas, replicas.min is {lo}"))
+        return lo
+    if wanted > hi:
+        reasons.append(Reason("ClampedToMax", f"{what} needs {wanted} replicas, replicas.max is {hi}"))
+        return hi
+    return wanted
+
+
+def _scale_down(
+    spec: policy.ScalingPolicySpec,
+    now: float,
+    history: DemandHistory | None,
+    state: cluster.ClusterState,
+    *,
+    target: int,
+    serving_now: int,
+    live: Sequence[cluster.PodState],
+    inputs: _Inputs,
+    reasons: list[Reason],
+) -> list[cluster.PodState]:
+    """Pods to mark for draining now: after the window, below the forecast, within the per-minute budget."""
+    if target >= serving_now:
+        return []
+    assert history is not None  # available data implies a history
+    spr = spec.capacity.streams_per_replica
+    window = spec.scale_down.stabilization_window_s
+    ts, vs = history.timestamps, history.values
+    if window > 0 and (ts.size == 0 or float(ts[0]) > now - window + history.step_s):
+        covered = now - float(ts[0]) if ts.size else 0.0
+        reasons.append(
+            Reason(
+                "StabilizationWindow",
+                f"holding {serving_now} replicas: history covers {covered:.0f} s of the {window:g} s "
+                "stabilization window",
+            )
+        )
+        return []
+    start = int(np.searchsorted(ts, now - window, side="left"))
+    recent = vs[start:]
+    recent = recent[np.isfinite(recent)]
+    window_need = replicas_for(float(recent.max()), spr) if recent.size else 0
+    floor = max(target, min(window_need, spec.replicas.max))
+    if floor >= serving_now:
+        reasons.append(
+            Reason(
+                "StabilizationWindow",
+                f"holding {serving_now} replicas: demand needed {window_need} within the last {window:g} s",
+            )
+        )
+        return []
+    recent_marks = sum(
+        1 for p in state.pods if p.drain_started_s is not None and now - p.drain_started_s < RATE_WINDOW_S
+    )
+    budget = spec.scale_down.max_pods_per_minute - recent_marks
+    excess = serving_now - floor
+    if budget <= 0:
+        reasons.append(
+            Reason(
+                "ScaleDownRateLimited",
+                f"{excess} replicas surplus, but {recent_marks} pods were marked in the last minute "
+                f"(scaleDown.maxPodsPerMinute={spec.scale_down.max_pods_per_minute})",
+            )
+        )
+        return []
+    candidates = sorted(
+        (p for p in live if p.drain_started_s is None),
+        key=lambda p: (inputs.pod_load.get(p.name, 0), _PHASE_RANK[p.phase], -p.created_s, p.name),
+    )
+    chosen = candidates[: min(excess, budget)]
+    if chosen:
+        loads = ", ".join(f"{p.name} ({inputs.pod_load.get(p.name, 0)})" for p in chosen)
+        reasons.append(
+            Reason(
+                "ScaleDown",
+                f"demand and forecast need {floor} replicas, {serving_now} serve: draining {loads}"
+                + (f"; {excess - len(chosen)} more later (maxPodsPerMinute)" if excess > len(chosen) else ""),
+            )
+        )
+    return chosen
+
+
+def _removable(
+    spec: policy.ScalingPolicySpec,
+    now: float,
+    draining: Sequence[cluster.PodState],
+    inputs: _Inputs,
+    reasons: list[Reason],
+) -> list[cluster.PodState]:
+    """Marked pods that may go now: empty (or never ready) or past the drain timeout, and marked long enough."""
+    timeout = spec.scale_down.drain_timeout_s
+    out: list[cluster.PodState] = []
+    waiting: list[str] = []
+    for p in draining:
+        started = p.drain_started_s
+        assert started is not None
+        age = now - started
+        if age < MIN_DRAIN_S:
+            waiting.append(p.name)
+            continue
+        load = inputs.pod_load.get(p.name)
+        empty = p.phase in ("pending", "starting") or (
+            inputs.signals_fresh and load is not None and load == 0
+        )
+        if empty:
+            out.append(p)
+            reasons.append(Reason("DrainComplete", f"{p.name} drained empty after {age:.0f} s: removing it"))
+        elif age >= timeout:
+            out.append(p)
+            left = "an unknown number of" if load is None else str(load)
+            reasons.append(
+                Reason(
+                    "DrainTimeout",
+                    f"{p.name} still had {left} streams/sessions after the {timeout:g} s drain timeout: removing it",
+                )
+            )
+        else:
+            waiting.append(p.name)
+    if waiting:
+        reasons.append(
+            Reason(
+                "DrainWaiting", f"waiting for {len(waiting)} draining pods to empty: {', '.join(waiting[:5])}"
+            )
+        )
+    return out
+
+
+def _deletion_costs(live: Sequence[cluster.PodState], remove: Sequence[cluster.PodState]) -> dict[str, int]:
+    """Costs that make the ReplicaSet remove exactly `remove`: lower than every other pod's cost."""
+    if not remove:
+        return {}
+    gone = {p.name for p in remove}
+    kept = [_cost(p) for p in live if p.name not in gone]
+    low = max(_INT32_MIN, min([0, *kept]) - 1)
+    costs = {name: low for name in sorted(gone)}
+    for p in live:  # a kept pod already at the floor (someone else's doing) is lifted just above it
+        if p.name not in gone and _cost(p) <= low:
+            costs[p.name] = low + 1
+    return costs
+
+
+def _cost(pod: cluster.PodState) -> int:
+    try:
+        return int(pod.annotations.get(cluster.DELETION_COST_ANNOTATION, "0"))
+    except ValueError:
+        return 0
+
+
+def _do_not_disrupt(
+    live: Sequence[cluster.PodState], inputs: _Inputs, remove: Sequence[cluster.PodState]
+) -> dict[str, bool]:
+    """True on pods carrying streams or sessions, False on idle ones; nothing when signals are not fresh."""
+    if not inputs.signals_fresh:
+        return {}
+    gone = {p.name for p in remove}
+    return {p.name: p.name not in gone and inputs.pod_load.get(p.name, 0) > 0 for p in live}
+
+
+def _provision(
+    spec: policy.ScalingPolicySpec,
+    state: cluster.ClusterState,
+    *,
+    available: bool,
+    target: int,
+    full_peak: int,
+) -> int:
+    """GPUs to hold ahead through the provisioner: the full-horizon peak beyond the serving target."""
+    if spec.provisioner.type == "pods":
+        return 0
+    wanted = max(0, min(full_peak, spec.replicas.max) - target) * spec.capacity.gpus_per_replica
+    if not available:
+        return max(wanted, state.provisioned_gpus)
+    return wanted
+
+
+def _last_finite(values: npt.NDArray[np.float64]) -> int | None:
+    """Index of the newest non-NaN sample; looks at the tail first so a long history costs nothing."""
+    for i in range(values.size - 1, max(-1, values.size - 9), -1):
+        if math.isfinite(values[i]):
+            return i
+    finite = np.flatnonzero(np.isfinite(values))
+    return int(finite[-1]) if finite.size else None
+
+
+def _or(measured: float | None, prior: float) -> float:
+    return prior if measured is None else measured
