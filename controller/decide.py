@@ -101,6 +101,9 @@ class SignalsSnapshot:
     backends: Mapping[str, signals_mod.BackendSignals]
     admission_queue: int = 0
     rejected_streams_total: int = 0
+    unreachable: tuple[str, ...] = ()
+    """Balancer replicas that gave no usable report: the sums miss their streams, so they are a lower bound
+    (used to scale up, never to scale down or to call a pod empty)."""
 
     @property
     def active_streams(self) -> int:
@@ -185,6 +188,7 @@ REASON_CODES: tuple[str, ...] = (
     "ForecastStale",
     "SignalsMissing",
     "SignalsStale",
+    "SignalsIncomplete",
     "HoldingCapacity",
 )
 """Every `Reason.code` a plan can carry (fixed, so metrics can label by it without unbounded cardinality)."""
@@ -244,6 +248,8 @@ class _Inputs:
     """Pod name -> active streams + open sessions, from fresh signals; empty when signals are not fresh."""
 
     signals_fresh: bool
+    signals_complete: bool
+    """Every balancer replica answered: a pod at zero is idle (with replicas missing it may not be)."""
 
 
 def decide(
@@ -402,7 +408,7 @@ def _read_inputs(
                         f"demand history last read {now - fetched:.0f} s ago (stale after {stale_s:g} s)",
                     )
                 )
-            elif data_age > stale_s + history.step_s:
+            elif data_age > stale_s + 2 * history.step_s:  # a step's sample may be stamped at its start
                 missing.append(
                     Reason(
                         "HistoryStale",
@@ -439,6 +445,14 @@ def _read_inputs(
         )
     else:
         signals_fresh = True
+        if signals.unreachable:
+            missing.append(
+                Reason(
+                    "SignalsIncomplete",
+                    f"{len(signals.unreachable)} balancer replicas gave no usable report "
+                    f"({', '.join(signals.unreachable[:3])}): their streams are missing from the sums",
+                )
+            )
         demands.append(float(signals.active_streams + signals.admission_queue))
         for b in signals.backends.values():
             if b.pod is not None:
@@ -446,7 +460,8 @@ def _read_inputs(
 
     observed = max(demands) if demands else None
     floor = replicas_for(observed, spec.capacity.streams_per_replica) if observed is not None else 0
-    return _Inputs(tuple(missing), observed, floor, forecast, pod_load, signals_fresh)
+    complete = signals_fresh and signals is not None and not signals.unreachable
+    return _Inputs(tuple(missing), observed, floor, forecast, pod_load, signals_fresh, complete)
 
 
 def _hotspot_replicas(signals: SignalsSnapshot | None, inputs: _Inputs, spr: int) -> tuple[int, str] | None:
@@ -576,7 +591,7 @@ def _removable(
             continue
         load = inputs.pod_load.get(p.name)
         empty = p.phase in ("pending", "starting") or (
-            inputs.signals_fresh and load is not None and load == 0
+            inputs.signals_complete and load is not None and load == 0
         )
         if empty:
             out.append(p)
@@ -629,7 +644,10 @@ def _do_not_disrupt(
     if not inputs.signals_fresh:
         return {}
     gone = {p.name for p in remove}
-    return {p.name: p.name not in gone and inputs.pod_load.get(p.name, 0) > 0 for p in live}
+    marks = {p.name: p.name not in gone and inputs.pod_load.get(p.name, 0) > 0 for p in live}
+    if not inputs.signals_complete:  # zero from some replicas is not idle: only say True
+        return {name: True for name, carries in marks.items() if carries}
+    return marks
 
 
 def _provision(

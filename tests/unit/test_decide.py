@@ -488,3 +488,16 @@ def test_every_reason_code_is_declared() -> None:
         assert plan.reasons
         for reason in plan.reasons:
             assert reason.code in decide.REASON_CODES and reason.message
+
+
+def test_signals_missing_a_replica_raise_but_never_lower() -> None:
+    """One balancer replica did not answer: its streams are missing, so the figures are a lower bound."""
+    partial = dataclasses.replace(make_signals({"w0": 35, "w3": 0}), unreachable=("10.1.0.2:8081",))
+    state = _draining_state()
+    plan = decide.decide(make_spec(), NOW, flat(1), partial, state)
+    assert not plan.demand_data_available and plan.reasons[0].code == "SignalsIncomplete"
+    assert "10.1.0.2:8081" in plan.reasons[0].message
+    assert plan.desired_replicas == 4 and not plan.remove and not plan.drain
+    assert plan.do_not_disrupt == {"w0": True}  # zero from some replicas is not idle: no False marks
+    plan = decide.decide(make_spec(), NOW, flat(1), partial, make_state(2))
+    assert plan.desired_replicas == 4  # 35 seen streams still need 4 replicas
