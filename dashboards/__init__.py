@@ -1,0 +1,1 @@
+"""Grafana dashboards for Forestall: `dashboards.generate` builds them; the JSON files beside it are its output."""
