@@ -343,6 +343,7 @@ class FakeKubeApi:
         self._watchers: set[asyncio.Queue[tuple[str, ResourceType, Obj] | None]] = set()
         self._injected: list[tuple[str, re.Pattern[str], int, int]] = []
         self._runner: web.AppRunner | None = None
+        self._skip_validation = False
         self.url = ""
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -415,8 +416,18 @@ class FakeKubeApi:
             if namespace is None or ns == namespace
         ]
 
-    def put(self, obj: Obj) -> Obj:
-        """Create or replace an object directly (test setup), validated and announced to watchers."""
+    def put(self, obj: Obj, *, validate: bool = True) -> Obj:
+        """Create or replace an object directly (test setup), validated and announced to watchers.
+
+        `validate=False` stores an object the current schema would refuse, as one written under an older,
+        looser CRD schema would be (the controller must still cope with it).
+        """
+        if not validate:
+            self._skip_validation = True
+            try:
+                return self.put(obj)
+            finally:
+                self._skip_validation = False
         group, _, version = obj["apiVersion"].rpartition("/")
         rt = next(r for r in self.resources if r.group == group and r.kind == obj["kind"])
         ns = obj["metadata"].get("namespace", "default") if rt.namespaced else ""
@@ -449,9 +460,15 @@ class FakeKubeApi:
                 self._reconcile_workload(owner)
 
     def set_pod_state(
-        self, namespace: str, name: str, *, node: str | None = None, ready: bool | None = None
+        self,
+        namespace: str,
+        name: str,
+        *,
+        node: str | None = None,
+        running: bool = False,
+        ready: bool | None = None,
     ) -> Obj:
-        """Bind a pod to a node (PodScheduled, Running) and/or set its Ready condition, at the clock's time."""
+        """At the clock's time: bind a pod to a node (PodScheduled), start its containers, set Ready."""
         pod = self.get("", "pods", namespace, name)
         if pod is None:
             raise KeyError(f"pod {namespace}/{name} not found")
@@ -462,6 +479,19 @@ class FakeKubeApi:
             pod["status"]["phase"] = "Running"
             pod["status"].setdefault("startTime", now)
             conditions["PodScheduled"] = {"type": "PodScheduled", "status": "True", "lastTransitionTime": now}
+        if running:
+            pod["status"]["containerStatuses"] = [
+                {
+                    "name": c["name"],
+                    "image": c["image"],
+                    "imageID": "",
+                    "ready": bool(ready),
+                    "restartCount": 0,
+                    "started": True,
+                    "state": {"running": {"startedAt": now}},
+                }
+                for c in pod["spec"]["containers"]
+            ]
         if ready is not None:
             status = "True" if ready else "False"
             for kind in ("Ready", "ContainersReady"):
@@ -528,13 +558,6 @@ class FakeKubeApi:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         try:
-            for index, (method, pattern, status, times) in enumerate(self._injected):
-                if method == request.method and pattern.search(request.path):
-                    if times <= 1:
-                        del self._injected[index]
-                    else:
-                        self._injected[index] = (method, pattern, status, times - 1)
-                    raise ApiError(status, _REASONS.get(status, "InternalError"), f"injected {status}")
             return await self._route(request)
         except ApiError as err:
             return web.json_response(err.status(), status=err.code)
@@ -575,6 +598,7 @@ class FakeKubeApi:
             verb = "watch" if query.get("watch") in ("true", "1") else "list"
         call = ApiCall(verb, group, version, plural, sub, namespace, name)
         try:
+            self._maybe_inject(request)
             response = await self._serve(request, rt, version, namespace, name, sub, verb)
         except ApiError as err:
             if self.record:
@@ -683,6 +707,18 @@ class FakeKubeApi:
         stored = self._replace(rt, current, new, path=request.path)
         return web.json_response(self._at_version(stored, rt, version))
 
+    def _maybe_inject(self, request: web.Request) -> None:
+        for index, (method, pattern, status, times) in enumerate(self._injected):
+            if method == request.method and pattern.search(request.path):
+                if times <= 1:
+                    del self._injected[index]
+                else:
+                    self._injected[index] = (method, pattern, status, times - 1)
+                message = f"injected {status}"
+                if status == 409:
+                    message = "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again"
+                raise ApiError(status, _REASONS.get(status, "InternalError"), message)
+
     # --- storage ------------------------------------------------------------------------------------------
 
     def _next_rv(self) -> str:
@@ -739,6 +775,8 @@ class FakeKubeApi:
     def _check(self, group: str, obj: Obj, path: str, rt: ResourceType | None) -> Obj:
         """Validate (and for CRDs default) an object; 422 Invalid with the causes when it is not valid."""
         problems: list[str] = []
+        if self._skip_validation:
+            return obj
         name = obj.get("metadata", {}).get("name", "")
         if rt is not None and name and (not re.match(_DNS_SUBDOMAIN, name) or len(name) > 253):
             problems.append(f"metadata.name: Invalid value: {name!r}: must be a lowercase RFC 1123 subdomain")
@@ -1115,3 +1153,84 @@ def _label_term(term: str) -> Callable[[Obj], bool]:
     if term.startswith("!"):
         return lambda o: term[1:] not in labels(o)
     return lambda o: term in labels(o)
+
+
+# --- object builders for tests ------------------------------------------------------------------------------
+
+
+def deployment(
+    name: str, namespace: str = "llm", *, replicas: int = 2, gpus: int = 1, kind: str = "Deployment"
+) -> Obj:
+    """A GPU worker Deployment (or StatefulSet) whose pods carry `app=<name>`."""
+    spec: Obj = {
+        "replicas": replicas,
+        "selector": {"matchLabels": {"app": name}},
+        "template": {
+            "metadata": {"labels": {"app": name}},
+            "spec": {
+                "nodeSelector": {"nvidia.com/gpu.present": "true"},
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "containers": [
+                    {
+                        "name": "vllm",
+                        "image": "vllm/vllm-openai:v0.6.0",
+                        "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                    }
+                ],
+            },
+        },
+    }
+    if kind == "StatefulSet":
+        spec["serviceName"] = name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": kind,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+def scaling_policy(name: str, namespace: str = "llm", *, target: str | None = None, **spec: Any) -> Obj:
+    """A valid ScalingPolicy for Deployment `target` (default: the policy's name); `spec` overrides fields."""
+    body: Obj = {
+        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target or name},
+        "demand": {
+            "prometheus": {"query": f'sum(forestall_balancer_active_streams{{namespace="{namespace}"}})'}
+        },
+        "capacity": {"streamsPerReplica": 10, "gpusPerReplica": 1, "gpusPerNode": 8},
+        "replicas": {"min": 1, "max": 20},
+    }
+    body.update(spec)
+    return {
+        "apiVersion": "forestall.dev/v1alpha1",
+        "kind": "ScalingPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": body,
+    }
+
+
+def gpu_node(
+    name: str, *, gpus: int = 8, ready: bool = True, created: str | None = None, ready_at: str | None = None
+) -> Obj:
+    """A GPU node offering `gpus` of nvidia.com/gpu."""
+    conditions = [
+        {
+            "type": "Ready",
+            "status": "True" if ready else "False",
+            "lastTransitionTime": ready_at or created or "2026-01-01T00:00:00Z",
+        }
+    ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "labels": {"nvidia.com/gpu.present": "true"},
+            **({"creationTimestamp": created} if created else {}),
+        },
+        "status": {
+            "capacity": {"nvidia.com/gpu": str(gpus), "cpu": "96", "memory": "1Ti"},
+            "allocatable": {"nvidia.com/gpu": str(gpus), "cpu": "95", "memory": "1000Gi"},
+            "conditions": conditions,
+        },
+    }

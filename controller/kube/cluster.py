@@ -1,0 +1,398 @@
+"""`KubeCluster`: the `controller.cluster.Cluster` of one ScalingPolicy's scale target on a real API server.
+
+Reads come from shared list+watch caches (`Caches`: pods, nodes, Deployments, StatefulSets), so `state()`
+costs no API call; writes go to the API server and are put into the caches at once.
+
+- `set_replicas` reads the target's `scale` subresource and replaces it with the read `resourceVersion`
+  (optimistic concurrency): a 409 means someone else scaled in between, so it re-reads and tries again
+  (`SCALE_CONFLICT_ATTEMPTS`), then raises `errors.Conflict` for the loop to requeue.
+- `annotate` merge-patches only the annotations that differ from the cached pod, so re-applying a plan
+  makes no calls. `controller.kubernetes.io/pod-deletion-cost` is set once per pod: if the value later
+  differs from what this controller wrote, something else (Karpenter, another controller, a human) has
+  overwritten it; that is logged, reported by `deletion_cost_overwrites()` and not fought over.
+- `provision` hands the GPUs to the policy's provisioner (`controller.kube.provisioners`).
+- Lead times are measured from the pods' and nodes' own timestamps (created -> PodScheduled -> container
+  running -> Ready; node created -> Ready) and reported as medians of the last `LEAD_TIME_SAMPLES`.
+
+What it does not do: decide anything, or know about other policies' targets.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import threading
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from kubernetes import client
+
+from balancer import clock as clock_mod
+from controller import cluster, errors, policy
+from controller.kube import api, informer, provisioners
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+SCALE_CONFLICT_ATTEMPTS = 3
+"""Read-modify-write attempts on the scale subresource before giving the conflict to the loop."""
+
+LEAD_TIME_SAMPLES = 50
+"""Recent observations behind each measured lead time: enough for a stable median, recent enough to follow
+a change of node type or image."""
+
+MAX_NODE_PROVISIONING_S = 3600.0
+"""A node whose Ready came more than an hour after its creation was restarted, not provisioned: ignored."""
+
+
+class Caches:
+    """The informers a controller process shares between all its policies (one namespace or all)."""
+
+    def __init__(self, api_client: client.ApiClient, *, namespace: str | None = None) -> None:
+        core, apps = client.CoreV1Api(api_client), client.AppsV1Api(api_client)
+
+        def scoped(namespaced: Any, everywhere: Any) -> tuple[Any, tuple[str, ...]]:
+            return (namespaced, (namespace,)) if namespace else (everywhere, ())
+
+        pods_fn, pods_args = scoped(core.list_namespaced_pod, core.list_pod_for_all_namespaces)
+        dep_fn, dep_args = scoped(apps.list_namespaced_deployment, apps.list_deployment_for_all_namespaces)
+        sts_fn, sts_args = scoped(
+            apps.list_namespaced_stateful_set, apps.list_stateful_set_for_all_namespaces
+        )
+        self.pods = informer.Informer(pods_fn, *pods_args, name="pods")
+        self.deployments = informer.Informer(dep_fn, *dep_args, name="deployments")
+        self.statefulsets = informer.Informer(sts_fn, *sts_args, name="statefulsets")
+        self.nodes = informer.Informer(core.list_node, name="nodes")
+        self.all = (self.pods, self.deployments, self.statefulsets, self.nodes)
+        self._node_memo: dict[str, tuple[str, tuple[cluster.NodeState, ...]]] = {}
+        self._node_lock = threading.Lock()
+
+    def start(self) -> None:
+        for inf in self.all:
+            inf.start()
+
+    def stop(self) -> None:
+        for inf in self.all:
+            inf.stop()
+
+    def wait_synced(self, timeout_s: float) -> bool:
+        return all(inf.wait_synced(timeout_s) for inf in self.all)
+
+    def workloads(self, kind: str) -> informer.Informer:
+        return self.deployments if kind == "Deployment" else self.statefulsets
+
+    def gpu_nodes(self, resource_name: str) -> tuple[cluster.NodeState, ...]:
+        """Nodes offering `resource_name`, computed once per change of the node cache (shared by policies)."""
+        version = self.nodes.resource_version
+        with self._node_lock:
+            memo = self._node_memo.get(resource_name)
+            if memo is not None and memo[0] == version:
+                return memo[1]
+        nodes = tuple(
+            state for obj in self.nodes.items() if (state := _node_state(obj, resource_name)) is not None
+        )
+        with self._node_lock:
+            self._node_memo[resource_name] = (version, nodes)
+        return nodes
+
+
+class KubeCluster:
+    """One policy's scale target, its pods, the GPU nodes and the provisioner, on a Kubernetes API server."""
+
+    def __init__(
+        self,
+        scaling_policy: policy.ScalingPolicy,
+        *,
+        api_client: client.ApiClient,
+        caches: Caches,
+        clock: clock_mod.Clock = clock_mod.SYSTEM,
+    ) -> None:
+        self.api_client = api_client
+        self.caches = caches
+        self.clock = clock
+        self._costs_set: dict[str, str] = {}
+        self._overwritten: dict[str, str] = {}
+        self._pod_samples: dict[str, tuple[float | None, float | None]] = {}
+        self._pod_order: deque[str] = deque(maxlen=LEAD_TIME_SAMPLES)
+        self._node_samples: dict[str, float] = {}
+        self._node_order: deque[str] = deque(maxlen=LEAD_TIME_SAMPLES)
+        self.update_policy(scaling_policy)
+
+    def update_policy(self, scaling_policy: policy.ScalingPolicy) -> None:
+        """Follow a changed policy without losing measured lead times or the deletion costs written."""
+        self.policy = scaling_policy
+        self.namespace = scaling_policy.metadata.namespace
+        self.spec = scaling_policy.spec
+        self.provisioner = provisioners.for_policy(
+            scaling_policy, api_client=self.api_client, caches=self.caches, clock=self.clock
+        )
+
+    # --- reads ---------------------------------------------------------------------------------------------
+
+    def target(self) -> Obj:
+        """The cached scale target; `errors.NotFound` when it does not exist."""
+        ref = self.spec.scale_target_ref
+        obj = self.caches.workloads(ref.kind).get(self.namespace, ref.name)
+        if obj is None:
+            raise errors.NotFound(
+                f"scale target {ref.kind} {self.namespace}/{ref.name} not found: "
+                "create it or fix spec.scaleTargetRef"
+            )
+        return obj
+
+    def state(self) -> cluster.ClusterState:
+        target = self.target()
+        gpus_per_replica = self.spec.capacity.gpus_per_replica
+        raw_pods = self.pods(target)
+        pods = tuple(_pod_state(p) for p in raw_pods)
+        self._measure(pods, raw_pods)
+        nodes = self.caches.gpu_nodes(self.spec.capacity.gpu_resource_name)
+        self._measure_nodes(nodes)
+        self._check_costs(pods)
+        provisioned, pending = self.provisioner.status()
+        pending_pods = sum(1 for p in pods if p.phase == "pending")
+        pods_med = list(self._pod_samples.values())
+        return cluster.ClusterState(
+            spec_replicas=int(target.get("spec", {}).get("replicas", 1)),
+            pods=pods,
+            nodes=nodes,
+            provisioned_gpus=provisioned,
+            pending_gpus=pending + pending_pods * gpus_per_replica,
+            measured_node_provisioning_s=_median(self._node_samples.values()),
+            measured_pod_start_s=_median(s[0] for s in pods_med),
+            measured_model_load_s=_median(s[1] for s in pods_med),
+        )
+
+    def pods(self, target: Obj | None = None) -> list[Obj]:
+        """The target's pods (placeholders and finished pods excluded), from the cache."""
+        target = target if target is not None else self.target()
+        selector = target.get("spec", {}).get("selector", {})
+        candidates = self.caches.pods.by_label(self.namespace, selector.get("matchLabels") or {})
+        return sorted(
+            (
+                p
+                for p in candidates
+                if _matches_expressions(p, selector.get("matchExpressions") or [])
+                and provisioners.PLACEHOLDER_LABEL not in (p["metadata"].get("labels") or {})
+                and p.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+            ),
+            key=lambda p: str(p["metadata"]["name"]),
+        )
+
+    def lead_time_samples(self) -> int:
+        return len(self._pod_samples) + len(self._node_samples)
+
+    def deletion_cost_overwrites(self) -> dict[str, str]:
+        """Pod -> the deletion cost found where this controller had written another; empty when none."""
+        return dict(self._overwritten)
+
+    # --- writes --------------------------------------------------------------------------------------------
+
+    def set_replicas(self, replicas: int) -> None:
+        ref = self.spec.scale_target_ref
+        apps = client.AppsV1Api(self.api_client)
+        read, replace = (
+            (apps.read_namespaced_deployment_scale, apps.replace_namespaced_deployment_scale)
+            if ref.kind == "Deployment"
+            else (apps.read_namespaced_stateful_set_scale, apps.replace_namespaced_stateful_set_scale)
+        )
+        for attempt in range(1, SCALE_CONFLICT_ATTEMPTS + 1):
+            scale = api.call(read, ref.name, self.namespace)
+            if scale["spec"].get("replicas") == replicas:
+                return
+            scale["spec"] = {"replicas": replicas}
+            scale.pop("status", None)
+            try:
+                written = api.call(replace, ref.name, self.namespace, scale)
+            except errors.Conflict:
+                log.info(
+                    "%s/%s: scale of %s changed under us (attempt %d/%d); re-reading",
+                    self.namespace,
+                    self.policy.metadata.name,
+                    ref.name,
+                    attempt,
+                    SCALE_CONFLICT_ATTEMPTS,
+                )
+                if attempt == SCALE_CONFLICT_ATTEMPTS:
+                    raise
+                continue
+            cached = self.caches.workloads(ref.kind).get(self.namespace, ref.name)
+            if cached is not None:
+                meta = {**cached["metadata"], "resourceVersion": written["metadata"]["resourceVersion"]}
+                spec = {**cached.get("spec", {}), "replicas": replicas}
+                self.caches.workloads(ref.kind).apply({**cached, "metadata": meta, "spec": spec})
+            return
+
+    def annotate(self, pod: str, annotations: Mapping[str, str | None]) -> None:
+        current = self.caches.pods.get(self.namespace, pod)
+        if current is None:
+            raise errors.NotFound(f"pod {self.namespace}/{pod} not found")
+        have = current["metadata"].get("annotations") or {}
+        patch: dict[str, str | None] = {}
+        for key, value in annotations.items():
+            if key == cluster.DELETION_COST_ANNOTATION and value is not None and pod in self._costs_set:
+                continue  # set once; a different value now is someone else's, reported by state()
+            if have.get(key) != value:
+                patch[key] = value
+        if not patch:
+            return
+        body = {"metadata": {"annotations": patch}}
+        written = api.call(
+            client.CoreV1Api(self.api_client).patch_namespaced_pod,
+            pod,
+            self.namespace,
+            body,
+            _content_type="application/merge-patch+json",
+        )
+        self.caches.pods.apply(written)
+        cost = patch.get(cluster.DELETION_COST_ANNOTATION)
+        if cost is not None:
+            self._costs_set[pod] = cost
+
+    def provision(self, gpus: int) -> None:
+        self.provisioner.provision(gpus)
+
+    # --- measuring -----------------------------------------------------------------------------------------
+
+    def _measure(self, pods: tuple[cluster.PodState, ...], raw: list[Obj]) -> None:
+        for state, obj in zip(pods, raw, strict=True):
+            uid = obj["metadata"].get("uid", state.name)
+            if uid in self._pod_samples or state.ready_s is None or state.scheduled_s is None:
+                continue
+            running_s = _container_started(obj)
+            sample: tuple[float | None, float | None]
+            if running_s is not None:
+                sample = (max(0.0, running_s - state.scheduled_s), max(0.0, state.ready_s - running_s))
+            else:
+                sample = (None, max(0.0, state.ready_s - state.scheduled_s))
+            if len(self._pod_order) == self._pod_order.maxlen:
+                self._pod_samples.pop(self._pod_order[0], None)
+            self._pod_order.append(uid)
+            self._pod_samples[uid] = sample
+
+    def _measure_nodes(self, nodes: tuple[cluster.NodeState, ...]) -> None:
+        for node in nodes:
+            if node.name in self._node_samples or node.ready_s is None:
+                continue
+            took = node.ready_s - node.created_s
+            if not 0 <= took <= MAX_NODE_PROVISIONING_S:
+                continue
+            if len(self._node_order) == self._node_order.maxlen:
+                self._node_samples.pop(self._node_order[0], None)
+            self._node_order.append(node.name)
+            self._node_samples[node.name] = took
+
+    def _check_costs(self, pods: tuple[cluster.PodState, ...]) -> None:
+        present = {p.name: p for p in pods}
+        for name in list(self._costs_set):
+            pod = present.get(name)
+            if pod is None:
+                self._costs_set.pop(name)
+                self._overwritten.pop(name, None)
+                continue
+            found = pod.annotations.get(cluster.DELETION_COST_ANNOTATION)
+            if found != self._costs_set[name] and name not in self._overwritten:
+                log.warning(
+                    "%s/%s: pod-deletion-cost of pod %s was overwritten: wrote %s, found %s "
+                    "(Karpenter's pod-deletion-cost management or another controller?)",
+                    self.namespace,
+                    self.policy.metadata.name,
+                    name,
+                    self._costs_set[name],
+                    found,
+                )
+                self._overwritten[name] = found if found is not None else ""
+
+
+# --- object -> state ---------------------------------------------------------------------------------------
+
+
+def _condition(obj: Obj, kind: str) -> Obj | None:
+    for cond in obj.get("status", {}).get("conditions") or []:
+        if cond.get("type") == kind:
+            return dict(cond)
+    return None
+
+
+def _pod_state(obj: Obj) -> cluster.PodState:
+    meta = obj["metadata"]
+    scheduled = _condition(obj, "PodScheduled")
+    ready = _condition(obj, "Ready")
+    scheduled_s = (
+        api.parse_time(scheduled.get("lastTransitionTime"))
+        if scheduled and scheduled["status"] == "True"
+        else None
+    )
+    ready_s = api.parse_time(ready.get("lastTransitionTime")) if ready and ready["status"] == "True" else None
+    node = obj.get("spec", {}).get("nodeName")
+    phase: cluster.PodPhase
+    if meta.get("deletionTimestamp"):
+        phase = "terminating"
+    elif ready_s is not None:
+        phase = "ready"
+    elif not node:
+        phase = "pending"
+    else:
+        phase = "starting"
+    return cluster.PodState(
+        name=meta["name"],
+        phase=phase,
+        created_s=api.parse_time(meta.get("creationTimestamp")) or 0.0,
+        scheduled_s=scheduled_s,
+        ready_s=ready_s,
+        node=node,
+        annotations=dict(meta.get("annotations") or {}),
+    )
+
+
+def _container_started(obj: Obj) -> float | None:
+    started = [
+        api.parse_time(status.get("state", {}).get("running", {}).get("startedAt"))
+        for status in obj.get("status", {}).get("containerStatuses") or []
+    ]
+    known = [s for s in started if s is not None]
+    return max(known) if known else None
+
+
+def _node_state(obj: Obj, resource_name: str) -> cluster.NodeState | None:
+    allocatable = obj.get("status", {}).get("allocatable") or obj.get("status", {}).get("capacity") or {}
+    raw = allocatable.get(resource_name)
+    if raw is None:
+        return None
+    try:
+        gpus = int(str(raw))
+    except ValueError:
+        return None
+    if gpus <= 0:
+        return None
+    ready = _condition(obj, "Ready")
+    is_ready = bool(ready and ready.get("status") == "True")
+    return cluster.NodeState(
+        name=obj["metadata"]["name"],
+        gpus=gpus,
+        ready=is_ready,
+        created_s=api.parse_time(obj["metadata"].get("creationTimestamp")) or 0.0,
+        ready_s=api.parse_time(ready.get("lastTransitionTime")) if ready and is_ready else None,
+    )
+
+
+def _matches_expressions(obj: Obj, expressions: list[Obj]) -> bool:
+    labels = obj["metadata"].get("labels") or {}
+    for expr in expressions:
+        key, op, values = expr.get("key"), expr.get("operator"), set(expr.get("values") or [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def _median(values: Any) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(statistics.median(known)) if known else None

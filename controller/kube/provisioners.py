@@ -1,0 +1,456 @@
+"""GPU capacity held ahead of demand, one class per `spec.provisioner.type`.
+
+Each provisioner answers `status() -> (provisioned_gpus, pending_gpus)` and does `provision(gpus)` (0
+releases everything it holds). Capacity is counted in replica-shaped chunks: `ceil(gpus / gpusPerReplica)`
+pods, each requesting `gpusPerReplica` of `capacity.gpuResourceName` and copying the target's scheduling
+constraints (nodeSelector, affinity, tolerations), so the nodes that come up are the ones the real pods fit.
+
+- `pods`: nothing extra; scaling the target ahead of the peak leaves pods pending, which is what Karpenter
+  and cluster-autoscaler react to.
+- `capacityBuffer`: one `autoscaling.x-k8s.io` CapacityBuffer (`<policy>-buffer` unless named) with
+  `replicas` = chunks and a PodTemplate for the chunk. The version is discovered from the server (v1, then
+  v1beta1, then v1alpha1), because clusters run different cluster-autoscaler releases.
+- `placeholder`: low-priority pods of a PriorityClass with a negative value and `preemptionPolicy: Never`
+  (created if absent): they hold nodes, never push anything out, and the scheduler evicts them the moment a
+  real pod needs the GPUs.
+- `provisioningRequest`: a cluster-autoscaler ProvisioningRequest for the chunks, with a PodTemplate. Its
+  spec is immutable, so a new count means a new request. Capacity is booked only for a limited time after
+  `Provisioned=True` (`provisioner.provisioningRequest.bookingSeconds`, about 10 minutes in
+  cluster-autoscaler); while the capacity is still wanted the controller renews the request
+  `RENEW_MARGIN_S` before the booking lapses by creating a fresh one and deleting the old.
+
+What this module does not do: decide how many GPUs to hold (`decide()` does) or read demand.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from typing import TYPE_CHECKING, Any, Protocol
+
+from kubernetes import client
+
+from balancer import clock as clock_mod
+from controller import errors, policy
+from controller.kube import api
+
+if TYPE_CHECKING:
+    from controller.kube import cluster as kube_cluster
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+
+POLICY_LABEL = "forestall.dev/policy"
+"""Label on every object a provisioner creates: the name of the ScalingPolicy it belongs to."""
+
+PLACEHOLDER_LABEL = "forestall.dev/placeholder"
+"""Label on placeholder pods, so they are never mistaken for the target's pods."""
+
+CAPACITY_GROUP = "autoscaling.x-k8s.io"
+CAPACITY_BUFFER_VERSIONS = ("v1", "v1beta1", "v1alpha1")
+"""Newest first: the first the server serves `capacitybuffers` at is used."""
+
+PROVISIONING_REQUEST_VERSION = "v1"
+RENEW_MARGIN_S = 60.0
+"""Renew a ProvisioningRequest this long before its booking lapses: one reconcile interval plus slack."""
+
+PLACEHOLDER_PRIORITY = -10
+"""Below the default 0, so every ordinary pod preempts a placeholder."""
+
+
+class Provisioner(Protocol):
+    def status(self) -> tuple[int, int]:
+        """(GPUs held ahead of demand now, GPUs requested but not yet on Ready nodes)."""
+        ...
+
+    def provision(self, gpus: int) -> None:
+        """Hold this many GPUs (0 releases them)."""
+        ...
+
+
+def for_policy(
+    scaling_policy: policy.ScalingPolicy,
+    *,
+    api_client: client.ApiClient,
+    caches: kube_cluster.Caches,
+    clock: clock_mod.Clock,
+) -> Provisioner:
+    """The provisioner `spec.provisioner.type` names."""
+    kind = scaling_policy.spec.provisioner.type
+    base = _Base(scaling_policy, api_client=api_client, caches=caches, clock=clock)
+    if kind == "capacityBuffer":
+        return CapacityBuffer(base)
+    if kind == "placeholder":
+        return Placeholder(base)
+    if kind == "provisioningRequest":
+        return ProvisioningRequest(base)
+    return base
+
+
+class _Base:
+    """What every provisioner needs; as a provisioner itself it is `pods`: it holds nothing extra."""
+
+    def __init__(
+        self,
+        scaling_policy: policy.ScalingPolicy,
+        *,
+        api_client: client.ApiClient,
+        caches: kube_cluster.Caches,
+        clock: clock_mod.Clock,
+    ) -> None:
+        self.policy = scaling_policy
+        self.name = scaling_policy.metadata.name
+        self.namespace = scaling_policy.metadata.namespace
+        self.spec = scaling_policy.spec
+        self.api_client = api_client
+        self.caches = caches
+        self.clock = clock
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    def status(self) -> tuple[int, int]:
+        return 0, 0
+
+    def provision(self, gpus: int) -> None:
+        return None
+
+    def chunks(self, gpus: int) -> int:
+        return math.ceil(max(0, gpus) / self.spec.capacity.gpus_per_replica)
+
+    def labels(self) -> dict[str, str]:
+        return {POLICY_LABEL: self.name}
+
+    def pod_spec(self, *, image: str = "registry.k8s.io/pause:3.10") -> Obj:
+        """A replica-shaped pod spec: the target's scheduling constraints, a pause container with the GPUs."""
+        ref = self.spec.scale_target_ref
+        target = self.caches.workloads(ref.kind).get(self.namespace, ref.name) or {}
+        template = target.get("spec", {}).get("template", {}).get("spec", {})
+        gpus = str(self.spec.capacity.gpus_per_replica)
+        resources = {self.spec.capacity.gpu_resource_name: gpus}
+        spec: Obj = {
+            "containers": [
+                {
+                    "name": "capacity",
+                    "image": image,
+                    "resources": {"requests": resources, "limits": resources},
+                }
+            ],
+            "terminationGracePeriodSeconds": 0,
+        }
+        for key in ("nodeSelector", "affinity", "tolerations"):
+            if template.get(key):
+                spec[key] = template[key]
+        return spec
+
+    def ensure_pod_template(self, name: str) -> None:
+        """Create or update the PodTemplate of one chunk (no call when it is already as wanted)."""
+        body: Obj = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": name, "namespace": self.namespace, "labels": self.labels()},
+            "template": {"metadata": {"labels": self.labels()}, "spec": self.pod_spec()},
+        }
+        key = (self.api_client.configuration.host, self.namespace, name)
+        if _ENSURED.get(key) == body:
+            return
+        try:
+            current = api.call(self.core.read_namespaced_pod_template, name, self.namespace)
+        except errors.NotFound:
+            api.call(self.core.create_namespaced_pod_template, self.namespace, body)
+        else:
+            if current.get("template") != body["template"]:
+                body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+                api.call(self.core.replace_namespaced_pod_template, name, self.namespace, body)
+                del body["metadata"]["resourceVersion"]
+        _ENSURED[key] = body
+
+
+_ENSURED: dict[tuple[str, str, str], Obj] = {}
+"""PodTemplates written by this process, as written: saves a read per reconcile when nothing changed."""
+
+_VERSIONS: dict[str, str] = {}
+_versions_lock = threading.Lock()
+
+
+class CapacityBuffer:
+    """`provisioner.type: capacityBuffer`: a CapacityBuffer whose replicas are the chunks held."""
+
+    def __init__(self, base: _Base) -> None:
+        self.base = base
+        configured = base.spec.provisioner.capacity_buffer
+        self.buffer_name = (
+            configured.name if configured and configured.name else None
+        ) or f"{base.name}-buffer"
+
+    def version(self) -> str:
+        """The CapacityBuffer version the server serves (discovered once per process and API server)."""
+        host = self.base.api_client.configuration.host
+        with _versions_lock:
+            if host in _VERSIONS:
+                return _VERSIONS[host]
+        for version in CAPACITY_BUFFER_VERSIONS:
+            try:
+                found = api.call(self.base.custom.get_api_resources, CAPACITY_GROUP, version)
+            except errors.NotFound:
+                continue
+            if any(r.get("name") == "capacitybuffers" for r in found.get("resources", [])):
+                with _versions_lock:
+                    _VERSIONS[host] = version
+                return version
+        raise errors.ClusterError(
+            f"the API server serves no {CAPACITY_GROUP} CapacityBuffer (tried {', '.join(CAPACITY_BUFFER_VERSIONS)}): "
+            "install cluster-autoscaler's CapacityBuffer CRD or choose another spec.provisioner.type"
+        )
+
+    def _read(self) -> Obj | None:
+        try:
+            return api.call(
+                self.base.custom.get_namespaced_custom_object,
+                CAPACITY_GROUP,
+                self.version(),
+                self.base.namespace,
+                "capacitybuffers",
+                self.buffer_name,
+            )
+        except errors.NotFound:
+            return None
+
+    def status(self) -> tuple[int, int]:
+        buffer = self._read()
+        if buffer is None:
+            return 0, 0
+        chunks = int(buffer.get("status", {}).get("replicas", buffer.get("spec", {}).get("replicas", 0)) or 0)
+        return chunks * self.base.spec.capacity.gpus_per_replica, 0
+
+    def provision(self, gpus: int) -> None:
+        chunks = self.base.chunks(gpus)
+        self.base.ensure_pod_template(self.buffer_name)
+        version = self.version()
+        current = self._read()
+        if current is None:
+            body = {
+                "apiVersion": f"{CAPACITY_GROUP}/{version}",
+                "kind": "CapacityBuffer",
+                "metadata": {
+                    "name": self.buffer_name,
+                    "namespace": self.base.namespace,
+                    "labels": self.base.labels(),
+                },
+                "spec": {"podTemplateRef": {"name": self.buffer_name}, "replicas": chunks},
+            }
+            api.call(
+                self.base.custom.create_namespaced_custom_object,
+                CAPACITY_GROUP,
+                version,
+                self.base.namespace,
+                "capacitybuffers",
+                body,
+            )
+        elif current.get("spec", {}).get("replicas") != chunks:
+            api.call(
+                self.base.custom.patch_namespaced_custom_object,
+                CAPACITY_GROUP,
+                version,
+                self.base.namespace,
+                "capacitybuffers",
+                self.buffer_name,
+                {"spec": {"replicas": chunks}},
+            )
+
+
+class Placeholder:
+    """`provisioner.type: placeholder`: low-priority pause pods requesting the GPUs."""
+
+    def __init__(self, base: _Base) -> None:
+        self.base = base
+        settings = base.spec.provisioner.placeholder or policy.PlaceholderProvisioner()
+        self.settings = settings
+
+    def pods(self) -> list[Obj]:
+        labels = {**self.base.labels(), PLACEHOLDER_LABEL: "true"}
+        return sorted(
+            (
+                p
+                for p in self.base.caches.pods.by_label(self.base.namespace, labels)
+                if not p["metadata"].get("deletionTimestamp")
+            ),
+            key=lambda p: str(p["metadata"]["name"]),
+        )
+
+    def status(self) -> tuple[int, int]:
+        pods = self.pods()
+        per = self.base.spec.capacity.gpus_per_replica
+        pending = sum(1 for p in pods if not p.get("spec", {}).get("nodeName"))
+        return len(pods) * per, pending * per
+
+    def ensure_priority_class(self) -> None:
+        scheduling = client.SchedulingV1Api(self.base.api_client)
+        name = self.settings.priority_class_name
+        key = (self.base.api_client.configuration.host, name)
+        if key in _PRIORITY_CLASSES:
+            return
+        try:
+            api.call(scheduling.read_priority_class, name)
+        except errors.NotFound:
+            body = {
+                "apiVersion": "scheduling.k8s.io/v1",
+                "kind": "PriorityClass",
+                "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "forestall"}},
+                "value": PLACEHOLDER_PRIORITY,
+                "preemptionPolicy": "Never",
+                "globalDefault": False,
+                "description": "Forestall placeholder pods: hold GPU nodes ahead of demand, evicted by any real pod.",
+            }
+            try:
+                api.call(scheduling.create_priority_class, body)
+            except errors.Conflict:
+                pass  # another replica created it first
+        _PRIORITY_CLASSES.add(key)
+
+    def provision(self, gpus: int) -> None:
+        want = self.base.chunks(gpus)
+        pods = self.pods()
+        if want > len(pods):
+            self.ensure_priority_class()
+        for _ in range(want - len(pods)):
+            labels = {**self.base.labels(), PLACEHOLDER_LABEL: "true"}
+            body = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {
+                    "generateName": f"{self.base.name}-placeholder-",
+                    "namespace": self.base.namespace,
+                    "labels": labels,
+                },
+                "spec": {
+                    **self.base.pod_spec(image=self.settings.image),
+                    "priorityClassName": self.settings.priority_class_name,
+                },
+            }
+            created = api.call(self.base.core.create_namespaced_pod, self.base.namespace, body)
+            self.base.caches.pods.apply(created)
+        # Remove pending placeholders first: they hold nothing yet.
+        extra = sorted(pods, key=lambda p: bool(p.get("spec", {}).get("nodeName")))[
+            : max(0, len(pods) - want)
+        ]
+        for pod in extra:
+            name = pod["metadata"]["name"]
+            try:
+                api.call(self.base.core.delete_namespaced_pod, name, self.base.namespace)
+            except errors.NotFound:
+                pass
+            self.base.caches.pods.apply(pod, deleted=True)
+
+
+_PRIORITY_CLASSES: set[tuple[str, str]] = set()
+"""PriorityClasses known to exist, per API server: checked once per process."""
+
+
+class ProvisioningRequest:
+    """`provisioner.type: provisioningRequest`: one request for the chunks, renewed before its booking lapses."""
+
+    def __init__(self, base: _Base) -> None:
+        self.base = base
+        self.settings = base.spec.provisioner.provisioning_request or policy.ProvisioningRequestProvisioner()
+        self.template_name = f"{base.name}-provreq"
+
+    def requests(self) -> list[Obj]:
+        body = api.call(
+            self.base.custom.list_namespaced_custom_object,
+            CAPACITY_GROUP,
+            PROVISIONING_REQUEST_VERSION,
+            self.base.namespace,
+            "provisioningrequests",
+            label_selector=f"{POLICY_LABEL}={self.base.name}",
+        )
+        items: list[Obj] = body.get("items", [])
+        return sorted(items, key=lambda o: int(o["metadata"].get("resourceVersion", 0)))
+
+    def _count(self, request: Obj) -> int:
+        return sum(int(ps.get("count", 0)) for ps in request.get("spec", {}).get("podSets", []))
+
+    def _provisioned_since(self, request: Obj) -> float | None:
+        for cond in request.get("status", {}).get("conditions") or []:
+            if cond.get("type") == "Provisioned" and cond.get("status") == "True":
+                return api.parse_time(cond.get("lastTransitionTime"))
+        return None
+
+    def _failed(self, request: Obj) -> bool:
+        return any(
+            c.get("type") in ("Failed", "BookingExpired", "CapacityRevoked") and c.get("status") == "True"
+            for c in request.get("status", {}).get("conditions") or []
+        )
+
+    def status(self) -> tuple[int, int]:
+        per = self.base.spec.capacity.gpus_per_replica
+        provisioned = pending = 0
+        now = self.base.clock.now()
+        for request in self.requests():
+            since = self._provisioned_since(request)
+            if self._failed(request):
+                continue
+            if since is None:
+                pending += self._count(request) * per
+            elif now - since < self.settings.booking_s:
+                provisioned += self._count(request) * per
+        return provisioned, pending
+
+    def provision(self, gpus: int) -> None:
+        want = self.base.chunks(gpus)
+        requests = self.requests()
+        live = [r for r in requests if not self._failed(r)]
+        current = live[-1] if live else None
+        now = self.base.clock.now()
+        keep = current is not None and self._count(current) == want and want > 0
+        if keep and current is not None:
+            since = self._provisioned_since(current)
+            if since is not None and now - since >= self.settings.booking_s - RENEW_MARGIN_S:
+                log.info(
+                    "%s/%s: ProvisioningRequest %s booked since %.0f s: renewing",
+                    self.base.namespace,
+                    self.base.name,
+                    current["metadata"]["name"],
+                    now - since,
+                )
+                keep = False
+        if want > 0 and not keep:
+            self.base.ensure_pod_template(self.template_name)
+            body = {
+                "apiVersion": f"{CAPACITY_GROUP}/{PROVISIONING_REQUEST_VERSION}",
+                "kind": "ProvisioningRequest",
+                "metadata": {
+                    "generateName": f"{self.base.name}-",
+                    "namespace": self.base.namespace,
+                    "labels": self.base.labels(),
+                },
+                "spec": {
+                    "provisioningClassName": self.settings.provisioning_class_name,
+                    "podSets": [{"podTemplateRef": {"name": self.template_name}, "count": want}],
+                },
+            }
+            created = api.call(
+                self.base.custom.create_namespaced_custom_object,
+                CAPACITY_GROUP,
+                PROVISIONING_REQUEST_VERSION,
+                self.base.namespace,
+                "provisioningrequests",
+                body,
+            )
+            keep_name = created["metadata"]["name"]
+        else:
+            keep_name = current["metadata"]["name"] if current is not None and want > 0 else ""
+        for request in requests:
+            if request["metadata"]["name"] != keep_name:
+                try:
+                    api.call(
+                        self.base.custom.delete_namespaced_custom_object,
+                        CAPACITY_GROUP,
+                        PROVISIONING_REQUEST_VERSION,
+                        self.base.namespace,
+                        "provisioningrequests",
+                        request["metadata"]["name"],
+                    )
+                except errors.NotFound:
+                    pass
