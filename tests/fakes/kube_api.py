@@ -1155,6 +1155,20 @@ def _label_term(term: str) -> Callable[[Obj], bool]:
     return lambda o: term in labels(o)
 
 
+async def eventually(check: Callable[[], bool], what: str, *, timeout_s: float = 10.0) -> None:
+    """Wait until a condition fed by another thread (a watch, the controller) holds; fail naming `what`.
+
+    This waits for an outcome, it does not race one: the condition is checked at every turn of the event
+    loop, and the timeout only bounds a test that would otherwise hang.
+    """
+    steps = int(timeout_s / 0.01)
+    for _ in range(steps):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+
+
 # --- object builders for tests ------------------------------------------------------------------------------
 
 

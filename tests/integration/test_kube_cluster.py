@@ -18,17 +18,9 @@ from controller.kube import api as kube_api_mod
 from controller.kube import cluster as kube_cluster
 from controller.kube import provisioners
 from tests.fakes import kube_api
-from tests.fakes.kube_api import FakeKubeApi
+from tests.fakes.kube_api import FakeKubeApi, eventually
 
 NS = "llm"
-
-
-async def eventually(check: Callable[[], bool], what: str, *, timeout_s: float = 10.0) -> None:
-    """Wait (polling the event loop, not racing it) until a watch has delivered what `check` looks for."""
-    async with asyncio.timeout(timeout_s):
-        while not check():
-            await asyncio.sleep(0.01)
-    assert check(), what
 
 
 class Env:
@@ -288,7 +280,7 @@ async def test_capacity_buffer_without_the_crd_is_a_clear_error() -> None:
         caches = kube_cluster.Caches(client, namespace=NS)
         parsed = policy.parse(kube_api.scaling_policy("w", NS, provisioner={"type": "capacityBuffer"}))
         kc = kube_cluster.KubeCluster(parsed, api_client=client, caches=caches, clock=clock)
-        with pytest.raises(errors.ClusterError, match="serves no autoscaling.x-k8s.io CapacityBuffer"):
+        with pytest.raises(errors.ClusterError, match=r"serves no autoscaling\.x-k8s\.io CapacityBuffer"):
             await asyncio.to_thread(kc.provision, 2)
         client.close()
 
