@@ -1,0 +1,163 @@
+"""One fitted `forecast.Forecaster` per policy, turned into the `decide.PeakForecast` that `decide()` reads.
+
+The loop and the simulator call `PolicyForecast.peak(timestamps, values, now=..., horizon_s=...)` at every
+reconcile with the policy's demand history. The first call with enough samples fits the model; later calls
+fold in only the samples newer than the last one fed (plus the last few again, since Prometheus may still
+correct the tail as late scrapes arrive), and the forecaster refits its models by itself every
+`refit_every_s` of new data. When neither the history's tail nor the horizon changed since the last call,
+the previous forecast is returned as is (restamped `computed_s=now`: it is still the forecast for the data
+there is, and the history's own staleness is judged by `decide()` from `DemandHistory.fetched_s`).
+
+A forecast that cannot be made (too few samples, a model error) gives None and the reason in `error_`, so the
+plan holds capacity (`ForecastMissing`) instead of the controller failing. A policy whose forecast settings
+change gets a new forecaster (`PolicyForecasts.get`).
+
+Policy model names map onto the forecast package's: `seasonalNaive` -> `snaive_day`, `seasonalProfile` ->
+`profile_day` (a day's cycle fits in the default week of history; `auto` also tries the weekly ones),
+`recentMax` -> `recent_max`, `gbm` and `auto` as they are.
+
+What this module does not do: read demand (`controller.demand`) or decide anything (`controller.decide`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import numpy.typing as npt
+
+import forecast
+from controller import decide, policy
+
+FloatArray = npt.NDArray[np.float64]
+
+MODEL_NAMES = {
+    "auto": "auto",
+    "seasonalNaive": "snaive_day",
+    "seasonalProfile": "profile_day",
+    "recentMax": "recent_max",
+    "gbm": "gbm",
+}
+"""Policy `forecast.model` -> `forecast.Forecaster(model=...)`."""
+
+REFEED_STEPS = 3
+"""Samples before the newest fed one that are fed again: the tail of a range query can still change."""
+
+MIN_SAMPLES = 3
+"""Finite samples needed before the first fit (the forecaster's own minimum)."""
+
+
+@dataclass(frozen=True)
+class _Key:
+    last_ts: float
+    last_value: float
+    n: int
+    horizon_steps: int
+
+
+class PolicyForecast:
+    """The forecaster of one policy: fit once, update with new samples, forecast the peak over a horizon."""
+
+    def __init__(self, settings: policy.Forecast, *, refit_every_s: float = 3600.0) -> None:
+        self.settings = settings
+        self.refit_every_s = refit_every_s
+        self.forecaster_: forecast.Forecaster | None = None
+        self.fed_until_s_: float | None = None
+        """Timestamp of the newest sample given to the forecaster."""
+        self.last_: decide.PeakForecast | None = None
+        self.key_: _Key | None = None
+        self.error_: str | None = None
+        """Why the last call returned None; None after a forecast."""
+        self.fits_ = 0
+        """How many times a forecaster was fitted from scratch (first history, or after an error)."""
+
+    def peak(
+        self, timestamps: FloatArray, values: FloatArray, *, now: float, horizon_s: float
+    ) -> decide.PeakForecast | None:
+        """The `settings.quantile` quantile of the peak over `horizon_s`, or None (reason in `error_`)."""
+        step_s = self.settings.step_s
+        horizon_steps = max(1, math.ceil(horizon_s / step_s - 1e-9))
+        n = int(timestamps.size)
+        if n == 0:
+            return self._fail("no demand history to forecast from")
+        last_value = float(values[-1])
+        key = _Key(float(timestamps[-1]), last_value if math.isfinite(last_value) else -1.0, n, horizon_steps)
+        if key == self.key_ and self.last_ is not None:
+            self.last_ = replace(self.last_, computed_s=now)
+            return self.last_
+        clean = np.where(np.isfinite(values) & (values >= 0), values, np.nan)
+        try:
+            if self.forecaster_ is None:
+                if int(np.count_nonzero(np.isfinite(clean))) < MIN_SAMPLES:
+                    return self._fail(
+                        f"only {int(np.count_nonzero(np.isfinite(clean)))} demand samples so far, "
+                        f"the forecast needs {MIN_SAMPLES}"
+                    )
+                self.forecaster_ = forecast.Forecaster(
+                    model=MODEL_NAMES[self.settings.model],
+                    step_s=step_s,
+                    refit_every_s=self.refit_every_s,
+                    history_s=self.settings.history_s,
+                ).fit(timestamps, clean)
+                self.fits_ += 1
+            else:
+                assert self.fed_until_s_ is not None
+                start = int(
+                    np.searchsorted(timestamps, self.fed_until_s_ - REFEED_STEPS * step_s, side="left")
+                )
+                if start < n:
+                    self.forecaster_.update(timestamps[start:], clean[start:])
+            self.fed_until_s_ = float(timestamps[-1])
+            q = self.settings.quantile
+            result = self.forecaster_.forecast(horizon_steps, quantiles=(q,))
+        except ValueError as exc:  # bad or too short a series, off-grid samples: start over next time
+            self.forecaster_ = None
+            return self._fail(f"forecast failed: {exc}")
+        value = float(result.peak[q])
+        if not math.isfinite(value):
+            return self._fail(f"forecast model {result.model} gave a non-finite peak")
+        self.last_ = decide.PeakForecast(
+            value=max(0.0, value),
+            quantile=q,
+            horizon_s=horizon_steps * step_s,
+            model=result.model,
+            computed_s=now,
+            path=tuple(float(v) for v in result.paths[q]),
+        )
+        self.key_ = key
+        self.error_ = None
+        return self.last_
+
+    def _fail(self, message: str) -> decide.PeakForecast | None:
+        self.error_ = message
+        self.key_ = None
+        self.last_ = None
+        return None
+
+
+class PolicyForecasts:
+    """Forecasters of many policies, by key (`namespace/name`), recreated when a policy's settings change."""
+
+    def __init__(self, *, refit_every_s: float = 3600.0) -> None:
+        self.refit_every_s = refit_every_s
+        self._by_key: dict[str, PolicyForecast] = {}
+
+    def get(self, key: str, settings: policy.Forecast) -> PolicyForecast:
+        current = self._by_key.get(key)
+        if current is None or current.settings != settings:
+            current = PolicyForecast(settings, refit_every_s=self.refit_every_s)
+            self._by_key[key] = current
+        return current
+
+    def forget(self, key: str) -> None:
+        """Drop a deleted policy's forecaster."""
+        self._by_key.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._by_key)
+
+
+def with_forecast(history: decide.DemandHistory, peak: decide.PeakForecast | None) -> decide.DemandHistory:
+    """The same history carrying `peak` as its forecast (what `decide()` reads)."""
+    return replace(history, forecast=peak)
