@@ -4,7 +4,7 @@ The loop and the simulator call `PolicyForecast.peak(timestamps, values, now=...
 reconcile with the policy's demand history. The first call with enough samples fits the model; later calls
 fold in only the samples newer than the last one fed (plus the last few again, since Prometheus may still
 correct the tail as late scrapes arrive), and the forecaster refits its models by itself every
-`refit_every_s` of new data. When neither the history's tail nor the horizon changed since the last call,
+`refit_every_s` of new data. When neither the history's tail (its last `REFEED_STEPS + 1` samples) nor the horizon changed since the last call,
 the previous forecast is returned as is (restamped `computed_s=now`: it is still the forecast for the data
 there is, and the history's own staleness is judged by `decide()` from `DemandHistory.fetched_s`).
 
@@ -51,7 +51,8 @@ MIN_SAMPLES = 3
 @dataclass(frozen=True)
 class _Key:
     last_ts: float
-    last_value: float
+    tail: tuple[float, ...]
+    """The samples fed again each call (NaN as -1): a late correction there changes the forecast."""
     n: int
     horizon_steps: int
 
@@ -81,8 +82,8 @@ class PolicyForecast:
         n = int(timestamps.size)
         if n == 0:
             return self._fail("no demand history to forecast from")
-        last_value = float(values[-1])
-        key = _Key(float(timestamps[-1]), last_value if math.isfinite(last_value) else -1.0, n, horizon_steps)
+        tail = np.nan_to_num(values[-(REFEED_STEPS + 1) :], nan=-1.0, posinf=-2.0, neginf=-3.0)
+        key = _Key(float(timestamps[-1]), tuple(tail.tolist()), n, horizon_steps)
         if key == self.key_ and self.last_ is not None:
             self.last_ = replace(self.last_, computed_s=now)
             return self.last_
