@@ -850,16 +850,24 @@ def test_dry_run_controller_cannot_change_workloads(rendered: dict[str, list[Obj
     assert grants[NAMESPACE] == base[NAMESPACE], "still elects a leader"
 
 
-def test_balancer_only_reads_endpointslices_and_pods(rendered: dict[str, list[Obj]]) -> None:
+def test_balancer_only_reads_endpointslices_and_pods_in_the_model_namespace(
+    rendered: dict[str, list[Obj]],
+) -> None:
     for name in INSTALLS:
-        grants = rbac_grants(rendered[name], "forestall-balancer")
-        assert grants == {
-            "*": {
-                (g, r, v)
-                for g, r in (("discovery.k8s.io", "endpointslices"), ("", "pods"))
-                for v in ("get", "list", "watch")
-            }
-        }
+        assert rbac_grants(rendered[name], "forestall-balancer") == {}, "no cluster-wide or stray grants"
+    grants = rbac_grants(rendered["base"] + rendered["examples"], "forestall-balancer")
+    reads = {
+        (g, r, v)
+        for g, r in (("discovery.k8s.io", "endpointslices"), ("", "pods"))
+        for v in ("get", "list", "watch")
+    }
+    assert grants == {"llm": reads}
+    # The namespace it may read is the one its --kube-service names.
+    args = _find(rendered["base"], "Deployment", "forestall-balancer")["spec"]["template"]["spec"][
+        "containers"
+    ][0]["args"]
+    services = [a.split("=", 1)[1] for a in args if a.startswith("--kube-service=")]
+    assert {s.split("/")[0] for s in services} == set(grants)
 
 
 # ------------------------------------------------------------------------------- CLI flags and the image
