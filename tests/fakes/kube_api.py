@@ -761,7 +761,7 @@ class FakeKubeApi:
     def _replace(self, rt: ResourceType, current: Obj, new: Obj, *, path: str = "") -> Obj:
         if rt.plural == "provisioningrequests" and new.get("spec") != current.get("spec"):
             raise ApiError(422, "Invalid", "spec: Invalid value: Value is immutable")
-        new = self._check(rt.group, new, path or f"update {rt.plural}", rt)
+        new = self._check(rt.group, new, path or f"update {rt.plural}", rt, old=current)
         if new.get("spec") != current.get("spec"):
             new["metadata"]["generation"] = int(current["metadata"].get("generation", 0)) + 1
         if new == current and path:
@@ -772,8 +772,15 @@ class FakeKubeApi:
         self._announce("MODIFIED", rt, new)
         return copy.deepcopy(new)
 
-    def _check(self, group: str, obj: Obj, path: str, rt: ResourceType | None) -> Obj:
-        """Validate (and for CRDs default) an object; 422 Invalid with the causes when it is not valid."""
+    def _check(
+        self, group: str, obj: Obj, path: str, rt: ResourceType | None, *, old: Obj | None = None
+    ) -> Obj:
+        """Validate (and for CRDs default) an object; 422 Invalid with the causes when it is not valid.
+
+        For custom resources an update is checked with validation ratcheting (GA in Kubernetes 1.33): a
+        problem the stored object already had is not held against the update, so a status write to an
+        object stored under a looser schema goes through.
+        """
         problems: list[str] = []
         if self._skip_validation:
             return obj
@@ -782,7 +789,11 @@ class FakeKubeApi:
             problems.append(f"metadata.name: Invalid value: {name!r}: must be a lowercase RFC 1123 subdomain")
         if rt is not None and rt.crd_schema is not None:
             obj = crd_schema.apply_defaults(rt.crd_schema, copy.deepcopy(obj))
-            problems += crd_schema.validate(rt.crd_schema, obj)
+            found = crd_schema.validate(rt.crd_schema, obj)
+            if old is not None:
+                before = set(crd_schema.validate(rt.crd_schema, old))
+                found = [p for p in found if p not in before]
+            problems += found
         else:
             problems += validate_builtin(obj)
         if problems:

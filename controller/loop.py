@@ -1,0 +1,609 @@
+"""The reconcile loop: watch ScalingPolicies, and for each one read, forecast, decide, act and report.
+
+One process serves many policies (all namespaces or one). Each policy is reconciled when it changes (a new
+`metadata.generation`; status-only updates, including our own, do not count) and every `interval_s`
+(default 15 s) in a cycle over all policies, a bounded number at a time (`CONCURRENCY`). A reconcile:
+
+1. parses the policy with `controller.policy.parse` (cached per generation). An invalid policy gets
+   `Ready=False`, reason `InvalidSpec`, the pydantic message, and a Warning Event; nothing is done to its
+   target, which keeps whatever the last valid plan made it, and the other policies carry on;
+2. reads the cluster (`KubeCluster.state()`, from the shared watch caches) and the horizon it implies;
+3. reads demand and its forecast through the `DemandSource` (history from Prometheus, live signals from the
+   balancers, the forecast over that horizon); a failing source counts as missing data, which `decide()`
+   answers by holding capacity;
+4. `decide()`s, then, unless the policy is `mode: dryRun` or the process runs with the dry-run override,
+   acts: pod annotations first (drain marks, `karpenter.sh/do-not-disrupt`, deletion costs, one merge patch
+   per pod), then the scale subresource, then the provisioner. A 409 requeues the policy;
+5. reports, in dry-run too: the status subresource (`ScalingPolicyStatus`, conditions Ready,
+   DemandDataAvailable, Forecasting, Degraded; written only when it changed), an Event for each scale,
+   drain, undrain and removal decision (dry-run Events say what would have been done), and the metrics.
+
+With leader election (`controller.kube.lease`), a replica that does not hold the Lease keeps its caches
+warm and does nothing else: no reconcile, no status, no Events. It takes over within a lease duration of the
+leader stopping (at once when the leader released the Lease on SIGTERM).
+
+Time comes from an injected `balancer.clock.Clock`. Blocking Kubernetes calls run on worker threads.
+
+What this module does not do: talk HTTP to Kubernetes itself (`controller.kube`), decide (`controller.decide`),
+or read Prometheus and the balancers (`DemandSource`, implemented by the demand layer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from balancer import clock as clock_mod
+from controller import cluster, decide, errors, metrics, policy
+from controller.kube import cluster as kube_cluster
+from controller.kube import lease, reporting
+
+log = logging.getLogger(__name__)
+
+Obj = dict[str, Any]
+Key = tuple[str, str]
+
+INTERVAL_S = 15.0
+"""Seconds between full cycles: a quarter of the shortest useful forecast step, and cheap at 1,000 policies."""
+
+CONCURRENCY = 32
+"""Policies reconciled at once: enough to overlap API round trips, few enough to keep each one's latency."""
+
+REQUEUE_S = 1.0
+"""Delay before a policy that hit a 409 is reconciled again with fresh reads."""
+
+SYNC_TIMEOUT_S = 60.0
+"""How long to wait for the first list of every watched resource before giving up at start."""
+
+ACTION = {"active": "Scale", "dryRun": "DryRun"}
+
+
+class DemandSource(Protocol):
+    """Demand history with its forecast over the horizon, and the balancers' live signals, for one policy."""
+
+    async def read(
+        self, scaling_policy: policy.ScalingPolicy, *, now: float, horizon_s: float
+    ) -> tuple[decide.DemandHistory | None, decide.SignalsSnapshot | None]: ...
+
+
+DecideFn = Callable[
+    [
+        policy.ScalingPolicySpec,
+        float,
+        decide.DemandHistory | None,
+        decide.SignalsSnapshot | None,
+        cluster.ClusterState,
+    ],
+    decide.Plan,
+]
+
+
+@dataclass
+class _Policy:
+    """What the loop remembers of one policy between reconciles."""
+
+    key: Key
+    generation: int | None = None
+    parsed: policy.ScalingPolicy | None = None
+    cluster: kube_cluster.KubeCluster | None = None
+    last_plan: decide.Plan | None = None
+    invalid: str | None = None
+
+
+@dataclass
+class CycleResult:
+    """One pass over all policies."""
+
+    reconciled: int = 0
+    failed: int = 0
+    durations_s: list[float] = field(default_factory=list)
+
+
+class Controller:
+    """Reconciles every ScalingPolicy it watches; see the module docstring."""
+
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        demand: DemandSource,
+        clock: clock_mod.Clock = clock_mod.SYSTEM,
+        controller_metrics: metrics.ControllerMetrics | None = None,
+        namespace: str | None = None,
+        interval_s: float = INTERVAL_S,
+        dry_run: bool = False,
+        identity: str = "forestall",
+        elector: lease.LeaseElector | None = None,
+        decide_fn: DecideFn = decide.decide,
+        concurrency: int = CONCURRENCY,
+    ) -> None:
+        self.api_client = api_client
+        self.demand = demand
+        self.clock = clock
+        self.metrics = controller_metrics if controller_metrics is not None else metrics.ControllerMetrics()
+        self.namespace = namespace
+        self.interval_s = interval_s
+        self.dry_run = dry_run
+        self.identity = identity
+        self.elector = elector
+        self.decide_fn = decide_fn
+        self.concurrency = concurrency
+        self.reporter = reporting.Reporter(api_client, identity=identity, clock=clock)
+        self.caches = kube_cluster.Caches(api_client, namespace=namespace)
+        self.policies = reporting.policy_informer(api_client, namespace=namespace, on_change=self._on_policy)
+        self.cycles = 0
+        """Full cycles completed (tests wait on it)."""
+
+        self._state: dict[Key, _Policy] = {}
+        self._dirty: set[Key] = set()
+        self._requeue: set[Key] = set()
+        self._requeue_at = 0.0
+        """Policies whose reconcile hit a conflict: reconciled again after `REQUEUE_S`, not in a hot loop."""
+        self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def acting(self) -> bool:
+        """True when this replica may act: no leader election, or it holds the Lease."""
+        return self.elector is None or self.elector.is_leader
+
+    # --- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the watches and wait for their first lists."""
+        self._loop = asyncio.get_running_loop()
+        for inf in (self.policies, *self.caches.all):
+            inf.start()
+        synced = await asyncio.to_thread(
+            lambda: self.policies.wait_synced(SYNC_TIMEOUT_S) and self.caches.wait_synced(SYNC_TIMEOUT_S)
+        )
+        if not synced:
+            raise errors.ClusterError(f"the watch caches did not fill within {SYNC_TIMEOUT_S:g} s")
+
+    async def close(self) -> None:
+        def stop_all() -> None:
+            for inf in (self.policies, *self.caches.all):
+                inf.stop()
+
+        await asyncio.to_thread(stop_all)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Reconcile until `stop` is set (SIGTERM), then release the Lease and stop the watches."""
+        await self.start()
+        elector_task = None
+        if self.elector is not None:
+            elector_task = asyncio.create_task(self.elector.run(stop, self._on_leadership), name="lease")
+        try:
+            next_cycle = self.clock.monotonic()
+            while not stop.is_set():
+                if self._requeue and self.clock.monotonic() >= self._requeue_at:
+                    self._dirty |= self._requeue
+                    self._requeue.clear()
+                if self.acting:
+                    if self.clock.monotonic() >= next_cycle:
+                        next_cycle = self.clock.monotonic() + self.interval_s
+                        await self.reconcile_all()
+                    elif self._dirty:
+                        keys, self._dirty = sorted(self._dirty), set()
+                        await self._reconcile_many(keys)
+                self._wake.clear()
+                wake_at = min(next_cycle, self._requeue_at) if self._requeue else next_cycle
+                await self._wait(stop, wake_at - self.clock.monotonic())
+        finally:
+            if elector_task is not None:
+                stop.set()
+                await elector_task
+            await self.close()
+
+    async def _wait(self, stop: asyncio.Event, timeout_s: float) -> None:
+        if self._dirty and self.acting:
+            return
+        waiters = [
+            asyncio.ensure_future(self.clock.sleep(max(0.0, timeout_s))),
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(stop.wait()),
+        ]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            await asyncio.gather(*waiters, return_exceptions=True)
+
+    # --- events from the watch threads ---------------------------------------------------------------------
+
+    def _on_policy(self, kind: str, obj: Obj) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._policy_changed, kind, obj)
+
+    def _policy_changed(self, kind: str, obj: Obj) -> None:
+        meta = obj.get("metadata", {})
+        key = (meta.get("namespace", ""), meta.get("name", ""))
+        if kind == "DELETED":
+            self._state.pop(key, None)
+            self._dirty.discard(key)
+            self.metrics.forget(*key)
+            self.reporter.forget(*key)
+            return
+        known = self._state.get(key)
+        if known is None or known.generation != meta.get("generation"):
+            self._dirty.add(key)
+            self._wake.set()
+
+    def _on_leadership(self, leading: bool) -> None:
+        if leading:
+            self._dirty.update(self._keys())
+            self._wake.set()
+
+    # --- reconciling ---------------------------------------------------------------------------------------
+
+    def _keys(self) -> list[Key]:
+        return sorted(
+            (o["metadata"].get("namespace", ""), o["metadata"]["name"]) for o in self.policies.items()
+        )
+
+    async def reconcile_all(self) -> CycleResult:
+        """One cycle over every policy; returns what it did."""
+        self._dirty.clear()
+        result = await self._reconcile_many(self._keys())
+        self.cycles += 1
+        return result
+
+    async def _reconcile_many(self, keys: list[Key]) -> CycleResult:
+        result = CycleResult()
+        semaphore = asyncio.Semaphore(self.concurrency)
+
+        async def one(key: Key) -> None:
+            async with semaphore:
+                if not self.acting:
+                    return
+                started = self.clock.monotonic()
+                ok = await self.reconcile(key)
+                took = self.clock.monotonic() - started
+                result.durations_s.append(took)
+                self.metrics.reconcile_duration.observe(took)
+                result.reconciled += 1
+                result.failed += 0 if ok else 1
+
+        async with asyncio.TaskGroup() as group:
+            for key in keys:
+                group.create_task(one(key))
+        return result
+
+    async def reconcile(self, key: Key) -> bool:
+        """Reconcile one policy; False when it failed (counted in `reconcile_errors_total`)."""
+        obj = self.policies.get(*key)
+        if obj is None:
+            return True
+        known = self._state.setdefault(key, _Policy(key))
+        try:
+            parsed = self._parse(known, obj)
+            if parsed is None:
+                await asyncio.to_thread(self._report_invalid, known, obj)
+                return True
+            kc = known.cluster
+            assert kc is not None
+            state = await asyncio.to_thread(kc.state)
+            horizon_s = decide.horizon_s(parsed.spec, state)
+            now = self.clock.now()
+            try:
+                history, signals = await self.demand.read(parsed, now=now, horizon_s=horizon_s)
+            except Exception as exc:  # missing data is an input to decide(), never a crash
+                log.warning("%s/%s: demand unavailable: %s", *key, exc)
+                history, signals = None, None
+            await asyncio.to_thread(
+                self._decide_and_act, known, obj, parsed, state, history, signals, now, horizon_s
+            )
+            return True
+        except errors.Conflict as exc:
+            log.info("%s/%s: conflict, requeued: %s", *key, exc)
+            if not self._requeue:
+                self._requeue_at = self.clock.monotonic() + REQUEUE_S
+            self._requeue.add(key)
+            return True
+        except errors.NotFound as exc:
+            self.metrics.reconcile_errors.labels(*key).inc()
+            await asyncio.to_thread(self._report_failure, known, obj, "TargetNotFound", str(exc))
+            return False
+        except errors.ClusterError as exc:
+            self.metrics.reconcile_errors.labels(*key).inc()
+            log.warning("%s/%s: reconcile failed: %s", *key, exc)
+            with contextlib.suppress(errors.ClusterError):
+                await asyncio.to_thread(self._report_failure, known, obj, "ClusterError", str(exc))
+            return False
+
+    def _parse(self, known: _Policy, obj: Obj) -> policy.ScalingPolicy | None:
+        generation = obj["metadata"].get("generation")
+        if known.generation == generation and (known.parsed is not None or known.invalid is not None):
+            return known.parsed
+        known.generation = generation
+        try:
+            parsed = policy.parse({k: v for k, v in obj.items() if k != "status"})
+        except errors.InvalidPolicy as exc:
+            known.invalid = str(exc)
+            known.parsed = None  # the target keeps what the last valid plan made it
+            return None
+        known.invalid, known.parsed = None, parsed
+        if known.cluster is None:
+            known.cluster = kube_cluster.KubeCluster(
+                parsed, api_client=self.api_client, caches=self.caches, clock=self.clock
+            )
+        else:
+            known.cluster.update_policy(parsed)
+        return parsed
+
+    def _decide_and_act(
+        self,
+        known: _Policy,
+        obj: Obj,
+        parsed: policy.ScalingPolicy,
+        state: cluster.ClusterState,
+        history: decide.DemandHistory | None,
+        signals: decide.SignalsSnapshot | None,
+        now: float,
+        horizon_s: float,
+    ) -> None:
+        spec = parsed.spec
+        kc = known.cluster
+        assert kc is not None
+        plan = self.decide_fn(spec, now, history, signals, state)
+        dry = self.dry_run or spec.mode == "dryRun"
+        events = _decision_events(parsed, plan, state, dry=dry)
+        scaled = False
+        if not dry:
+            scaled = self._apply(kc, plan, state, now)
+        overwrites = kc.deletion_cost_overwrites()
+        status = self._status(
+            obj,
+            parsed,
+            plan,
+            state,
+            now=now,
+            horizon_s=horizon_s,
+            scaled=scaled or (dry and plan.desired_replicas != state.spec_replicas),
+            overwrites=overwrites,
+        )
+        self.reporter.write_status(parsed.metadata.namespace, parsed.metadata.name, status)
+        for reason, note in events:
+            self.reporter.event(obj, reason=reason, note=note, action=ACTION["dryRun" if dry else "active"])
+        if overwrites:
+            pods = ", ".join(f"{p} (now {v or 'unset'})" for p, v in sorted(overwrites.items()))
+            self.reporter.event(
+                obj,
+                reason="DeletionCostOverwritten",
+                note=f"pod-deletion-cost set by Forestall was overwritten on {pods}: another controller "
+                "(Karpenter?) manages it, so the ReplicaSet may remove other pods than the drained ones",
+                action="Detect",
+                warning=True,
+            )
+        labels = (parsed.metadata.namespace, parsed.metadata.name)
+        self.metrics.observe_plan(*labels, spec=spec, plan=plan, state=state, horizon_s=horizon_s)
+        if plan.drain and not dry:
+            self.metrics.drains.labels(*labels).inc(len(plan.drain))
+        known.last_plan = plan
+
+    def _apply(
+        self, kc: kube_cluster.KubeCluster, plan: decide.Plan, state: cluster.ClusterState, now: float
+    ) -> bool:
+        """Act on the cluster: annotations, then scale, then provision. True when the replicas changed."""
+        wanted: dict[str, dict[str, str | None]] = {}
+        for pod in plan.undrain:
+            wanted.setdefault(pod, {})[cluster.DRAIN_ANNOTATION] = None
+        for pod in plan.drain:
+            wanted.setdefault(pod, {})[cluster.DRAIN_ANNOTATION] = f"{now:.3f}"
+        for pod, on in plan.do_not_disrupt.items():
+            wanted.setdefault(pod, {})[cluster.DO_NOT_DISRUPT_ANNOTATION] = "true" if on else None
+        for pod, cost in plan.deletion_cost.items():
+            wanted.setdefault(pod, {})[cluster.DELETION_COST_ANNOTATION] = str(cost)
+        for pod, changes in sorted(wanted.items()):
+            try:
+                kc.annotate(pod, changes)
+            except errors.NotFound:
+                log.info("%s: pod %s is gone; skipping its annotations", kc.namespace, pod)
+        scaled = False
+        if plan.desired_replicas != state.spec_replicas:
+            kc.set_replicas(plan.desired_replicas)
+            scaled = True
+        kc.provision(plan.provision_gpus)
+        return scaled
+
+    # --- status --------------------------------------------------------------------------------------------
+
+    def _status(
+        self,
+        obj: Obj,
+        parsed: policy.ScalingPolicy,
+        plan: decide.Plan,
+        state: cluster.ClusterState,
+        *,
+        now: float,
+        horizon_s: float,
+        scaled: bool,
+        overwrites: dict[str, str],
+    ) -> Obj:
+        prev = obj.get("status") or {}
+        generation = obj["metadata"].get("generation")
+        missing = [r for r in plan.reasons if r.code.endswith(("Missing", "Stale"))]
+        conditions = [
+            ("Ready", True, "Reconciled", _summary(plan)),
+            (
+                "DemandDataAvailable",
+                plan.demand_data_available,
+                missing[0].code if missing and not plan.demand_data_available else "DemandFresh",
+                "; ".join(r.message for r in missing)
+                if not plan.demand_data_available
+                else "history, forecast and signals are fresh",
+            ),
+            (
+                "Forecasting",
+                plan.forecast is not None,
+                "Forecasting" if plan.forecast is not None else "ForecastMissing",
+                f"q{plan.forecast.quantile:g} peak {plan.forecast.value:g} streams over {plan.forecast.horizon_s:g} s"
+                + (f" ({plan.forecast.model})" if plan.forecast.model else "")
+                if plan.forecast is not None
+                else "no forecast: capacity follows current demand only",
+            ),
+            (
+                "Degraded",
+                bool(overwrites),
+                "DeletionCostOverwritten" if overwrites else "AsExpected",
+                f"pod-deletion-cost overwritten on {', '.join(sorted(overwrites))}" if overwrites else "",
+            ),
+        ]
+        forecast = plan.forecast
+        draining = sorted(
+            ({p.name for p in state.pods if p.drain_started_s is not None} | set(plan.drain))
+            - set(plan.undrain)
+            - set(plan.remove)
+        )
+        lead = policy.MeasuredLeadTime(
+            node_provisioning_s=state.measured_node_provisioning_s,
+            pod_start_s=state.measured_pod_start_s,
+            model_load_s=state.measured_model_load_s,
+            samples=known_samples(
+                parsed, state, self._state.get((parsed.metadata.namespace, parsed.metadata.name))
+            ),
+        )
+        status = policy.ScalingPolicyStatus(
+            observed_generation=generation,
+            observed_demand=plan.observed_demand
+            if plan.observed_demand is None
+            else max(0.0, plan.observed_demand),
+            forecast=policy.ForecastStatus(
+                value=max(0.0, forecast.value),
+                quantile=forecast.quantile,
+                horizon_s=forecast.horizon_s if forecast.horizon_s > 0 else horizon_s,
+                model=forecast.model,
+            )
+            if forecast is not None
+            else None,
+            desired_replicas=plan.desired_replicas,
+            current_replicas=plan.desired_replicas
+            if scaled and not (self.dry_run or parsed.spec.mode == "dryRun")
+            else state.spec_replicas,
+            ready_replicas=state.ready_replicas,
+            provisioned_gpus=state.provisioned_gpus,
+            pending_gpus=state.pending_gpus,
+            draining_pods=draining,
+            last_scale_time=clock_mod.utc_iso(now) if scaled else prev.get("lastScaleTime"),
+            last_scale_reason=_scale_reason(plan) if scaled else prev.get("lastScaleReason"),
+            measured_lead_time=lead,
+            conditions=_conditions(prev, conditions, now=now, generation=generation),
+        )
+        dumped: Obj = status.model_dump(by_alias=True, exclude_none=True, mode="json")
+        return dumped
+
+    def _report_invalid(self, known: _Policy, obj: Obj) -> None:
+        message = known.invalid or "invalid"
+        prev = dict(obj.get("status") or {})
+        generation = obj["metadata"].get("generation")
+        prev["conditions"] = _conditions(
+            prev,
+            [("Ready", False, "InvalidSpec", message)],
+            now=self.clock.now(),
+            generation=generation,
+            keep_others=True,
+        )
+        if generation is not None:
+            prev["observedGeneration"] = generation
+        meta = obj["metadata"]
+        log.warning("%s/%s: invalid spec: %s", meta.get("namespace"), meta["name"], message)
+        self.reporter.write_status(meta.get("namespace", "default"), meta["name"], prev)
+        self.reporter.event(obj, reason="InvalidSpec", note=message, action="Validate", warning=True)
+
+    def _report_failure(self, known: _Policy, obj: Obj, reason: str, message: str) -> None:
+        prev = dict(obj.get("status") or {})
+        generation = obj["metadata"].get("generation")
+        prev["conditions"] = _conditions(
+            prev,
+            [("Ready", False, reason, message)],
+            now=self.clock.now(),
+            generation=generation,
+            keep_others=True,
+        )
+        meta = obj["metadata"]
+        self.reporter.write_status(meta.get("namespace", "default"), meta["name"], prev)
+        self.reporter.event(obj, reason=reason, note=message, action="Reconcile", warning=True)
+
+
+def known_samples(parsed: policy.ScalingPolicy, state: cluster.ClusterState, known: _Policy | None) -> int:
+    """Observations behind the measured lead times (0 until something was measured)."""
+    if known is None or known.cluster is None:
+        return 0
+    return known.cluster.lead_time_samples()
+
+
+def _conditions(
+    prev: Obj,
+    wanted: list[tuple[str, bool, str, str]],
+    *,
+    now: float,
+    generation: int | None,
+    keep_others: bool = False,
+) -> list[Obj]:
+    """metav1.Conditions; lastTransitionTime moves only when the status (True/False) changes."""
+    before = {c.get("type"): c for c in prev.get("conditions") or []}
+    out: dict[str, Obj] = {t: dict(c) for t, c in before.items() if keep_others and t is not None}
+    for kind, ok, reason, message in wanted:
+        status = "True" if ok else "False"
+        old = before.get(kind)
+        since = (
+            old["lastTransitionTime"]
+            if old is not None and old.get("status") == status
+            else clock_mod.utc_iso(now)
+        )
+        cond: Obj = {
+            "type": kind,
+            "status": status,
+            "reason": reason,
+            "message": message[:32768],
+            "lastTransitionTime": since,
+        }
+        if generation is not None:
+            cond["observedGeneration"] = generation
+        out[kind] = cond
+    order = {t: i for i, t in enumerate(policy.CONDITION_TYPES)}
+    return sorted(out.values(), key=lambda c: order.get(c["type"], len(order)))
+
+
+def _summary(plan: decide.Plan) -> str:
+    return "; ".join(f"{r.code}: {r.message}" for r in plan.reasons)[:1024]
+
+
+def _scale_reason(plan: decide.Plan) -> str:
+    for code in ("ScaleUp", "Undrain", "HoldingCapacity", "DrainComplete", "DrainTimeout", "ScaleDown"):
+        if any(r.code == code for r in plan.reasons):
+            return code
+    return plan.reasons[0].code if plan.reasons else "Scale"
+
+
+def _decision_events(
+    parsed: policy.ScalingPolicy, plan: decide.Plan, state: cluster.ClusterState, *, dry: bool
+) -> list[tuple[str, str]]:
+    """(reason, note) of the Events a plan deserves: one per scale, drain, undrain and removal decision."""
+    ref = parsed.spec.scale_target_ref
+    target = f"{ref.kind} {parsed.metadata.namespace}/{ref.name}"
+    prefix = "dry run, would have " if dry else ""
+    why = _summary(plan)
+    events = []
+    if plan.drain:
+        events.append(("Drain", f"{prefix}marked {', '.join(plan.drain)} for draining: {why}"))
+    if plan.undrain:
+        events.append(("Undrain", f"{prefix}returned {', '.join(plan.undrain)} to service: {why}"))
+    if plan.remove:
+        events.append(
+            ("RemovePods", f"{prefix}removed drained {', '.join(plan.remove)} (lowest deletion cost): {why}")
+        )
+    if plan.desired_replicas != state.spec_replicas:
+        reason = "ScaleUp" if plan.desired_replicas > state.spec_replicas else "ScaleDown"
+        events.append(
+            (
+                reason,
+                f"{prefix}scaled {target} from {state.spec_replicas} to {plan.desired_replicas} replicas: {why}",
+            )
+        )
+    return events
