@@ -14,6 +14,9 @@
   to scale down. The replica addresses come from the balancer Service's EndpointSlices (the kube module
   lists them; `replica_addresses` formats them).
 - `SignalsHistory` records the signals' demand per step, the history of a policy without Prometheus.
+- `PolicyDemand` puts these together for one policy: each `read()` gives the history (with its forecast
+  from `controller.forecasting`), the signals, and one line per problem, ready for `decide()`. The blocking
+  parts (the Prometheus client, a forecaster's first fit) run on a thread so the event loop keeps serving.
 
 What this module does not do: talk to Kubernetes (the caller supplies the replica addresses), forecast
 (`controller.forecasting`) or decide. The Prometheus client is blocking: call `PrometheusHistory.read` on a
@@ -39,7 +42,7 @@ from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
 
 from balancer import signals as signals_mod
-from controller import decide
+from controller import cluster, decide, forecasting, policy
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -337,6 +340,103 @@ class SignalsHistory:
             values=np.asarray(self.values_, dtype=np.float64),
             fetched_s=self.fetched_s_,
         )
+
+
+@dataclass(frozen=True)
+class DemandReading:
+    """What one reconcile knows about a policy's demand: inputs for `decide()` and what went wrong."""
+
+    history: decide.DemandHistory | None
+    """The demand history carrying its forecast (None before the first successful read)."""
+
+    signals: decide.SignalsSnapshot | None
+    errors: tuple[str, ...] = ()
+    """One sentence per problem (Prometheus, a balancer replica, the forecast), for logs and conditions."""
+
+
+class PolicyDemand:
+    """The demand input of one policy across reconciles: cached history, forecaster, signals history."""
+
+    def __init__(self, spec: policy.ScalingPolicySpec, *, refit_every_s: float = 3600.0) -> None:
+        self.spec = spec
+        self.refit_every_s = refit_every_s
+        prom = spec.demand.prometheus
+        fc = spec.forecast
+        self.prometheus_: PrometheusHistory | None = (
+            None
+            if prom is None
+            else PrometheusHistory(prom.url, prom.query, step_s=fc.step_s, history_s=fc.history_s)
+        )
+        self.signals_history_ = SignalsHistory(step_s=fc.step_s, history_s=fc.history_s)
+        self.forecast_ = forecasting.PolicyForecast(fc, refit_every_s=refit_every_s)
+
+    def for_spec(self, spec: policy.ScalingPolicySpec) -> PolicyDemand:
+        """This object when the demand and forecast settings are unchanged, else a fresh one for `spec`."""
+        if spec.demand == self.spec.demand and spec.forecast == self.spec.forecast:
+            self.spec = spec
+            return self
+        self.close()
+        return PolicyDemand(spec, refit_every_s=self.refit_every_s)
+
+    async def read(
+        self,
+        now: float,
+        *,
+        state: cluster.ClusterState,
+        session: aiohttp.ClientSession | None = None,
+        balancer_replicas: Sequence[str] = (),
+    ) -> DemandReading:
+        """Read history and signals (both at once), forecast the peak over the horizon for `state`."""
+        spec = self.spec
+        errors: list[str] = []
+        sig_reading: SignalsReading | None = None
+        prom_reading: HistoryReading | None = None
+        async with asyncio.TaskGroup() as tg:  # both at once; a failure cancels the other
+            signals_task = None
+            if spec.demand.balancer is not None and session is not None:
+                signals_task = tg.create_task(
+                    fetch_signals(
+                        session, balancer_replicas, now=now, stale_after_s=spec.demand.stale_after_s
+                    )
+                )
+            prom_task = None
+            if self.prometheus_ is not None:
+                prom_task = tg.create_task(asyncio.to_thread(self.prometheus_.read, now))
+        if spec.demand.balancer is not None and session is None:
+            errors.append("no HTTP session to read balancer signals with")
+        history: decide.DemandHistory | None = None
+        if prom_task is not None:
+            prom_reading = prom_task.result()
+            history = prom_reading.history
+            if prom_reading.error:
+                errors.append(prom_reading.error)
+        if signals_task is not None:
+            sig_reading = signals_task.result()
+        snapshot = None
+        if sig_reading is not None:
+            snapshot = sig_reading.snapshot
+            errors.extend(sig_reading.errors)
+        if self.prometheus_ is None:
+            if snapshot is not None and not snapshot.unreachable:
+                self.signals_history_.add(now, float(snapshot.active_streams + snapshot.admission_queue))
+            history = self.signals_history_.history()
+        if history is not None:
+            pf = self.forecast_
+            peak = await asyncio.to_thread(
+                pf.peak,
+                history.timestamps,
+                history.values,
+                now=now,
+                horizon_s=decide.horizon_s(spec, state),
+            )
+            if peak is None and pf.error_:
+                errors.append(pf.error_)
+            history = forecasting.with_forecast(history, peak)
+        return DemandReading(history, snapshot, tuple(errors))
+
+    def close(self) -> None:
+        if self.prometheus_ is not None:
+            self.prometheus_.close()
 
 
 def _utc(unix_s: float) -> dt.datetime:

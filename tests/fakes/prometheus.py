@@ -95,6 +95,44 @@ class PrometheusServer:
         return result
 
 
+RECORDED_TRACE = "azure_llm_2024_conv_invocations_10s.csv"
+"""Recorded demand for tests: the Azure 2024 LLM conversation series (arrivals per 10 s), in ../shared/data."""
+
+
+def recorded_demand(hours: float) -> tuple[np.ndarray, np.ndarray]:
+    """The first `hours` of the recorded Azure series (timestamps, values), skipping when the file is absent.
+
+    The values are invocations per 10 s; tests read them as concurrent streams (same shape, same scale).
+    """
+    from forecast import series
+    from tests.conftest import SHARED_DATA
+
+    path = SHARED_DATA / RECORDED_TRACE
+    if not path.exists():
+        pytest.skip(f"{path} absent: recorded demand comes from ../shared/data (see its README)")
+    s = series.read_csv(path)
+    n = round(hours * 3600 / s.step_s)
+    return s.timestamps[:n].copy(), s.values[:n].copy()
+
+
+def per_backend(
+    timestamps: np.ndarray,
+    values: np.ndarray,
+    *,
+    backends: Sequence[str] = ("10.0.0.1:8000", "10.0.0.2:8000"),
+    name: str = "forestall_balancer_active_streams",
+    labels: Mapping[str, str] | None = None,
+) -> list[Sample]:
+    """Split a demand series over backends as the balancer's per-backend gauge reports it (sums back exactly)."""
+    left = values.copy()
+    out = []
+    for i, address in enumerate(backends):
+        share = left if i == len(backends) - 1 else np.floor(values / len(backends))
+        left = left - share
+        out.append(Sample(name, {**(labels or {}), "backend": address}, timestamps, share))
+    return out
+
+
 def require_prometheus() -> None:
     """Skip the calling test when the Prometheus binaries are not installed (Debian `prometheus`)."""
     for path in (PROMETHEUS, PROMTOOL):

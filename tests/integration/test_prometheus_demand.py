@@ -15,11 +15,15 @@ from aiohttp import web
 
 from balancer.clock import SYSTEM
 from controller import cluster, decide, demand, forecasting, policy
-from forecast import series
-from tests.conftest import SHARED_DATA
-from tests.fakes.prometheus import PrometheusServer, Sample, free_port, running_prometheus
+from tests.fakes.prometheus import (
+    PrometheusServer,
+    Sample,
+    free_port,
+    per_backend,
+    recorded_demand,
+    running_prometheus,
+)
 
-TRACE = SHARED_DATA / "azure_llm_2024_conv_invocations_10s.csv"
 QUERY = 'sum(forestall_balancer_active_streams{namespace="llm"})'
 HOURS = 30
 
@@ -41,31 +45,13 @@ class Recorded:
 
 
 def _recorded() -> Recorded:
-    if not TRACE.exists():
-        pytest.skip(f"{TRACE} absent: the recorded demand comes from ../shared/data (see its README)")
-    s = series.read_csv(TRACE)
-    n = HOURS * 360
     # Invocations per 10 s of the Azure 2024 conversation trace, read as concurrent streams.
-    return Recorded(s.timestamps[:n].copy(), s.values[:n].copy())
+    return Recorded(*recorded_demand(HOURS))
 
 
 def _samples(rec: Recorded) -> list[Sample]:
     """The demand split over two backends, as the balancer's per-backend gauge would report it."""
-    a = np.floor(rec.values / 2)
-    return [
-        Sample(
-            "forestall_balancer_active_streams",
-            {"namespace": "llm", "backend": "10.0.0.1:8000"},
-            rec.timestamps,
-            a,
-        ),
-        Sample(
-            "forestall_balancer_active_streams",
-            {"namespace": "llm", "backend": "10.0.0.2:8000"},
-            rec.timestamps,
-            rec.values - a,
-        ),
-    ]
+    return per_backend(rec.timestamps, rec.values, labels={"namespace": "llm"})
 
 
 @pytest.fixture(scope="module")
