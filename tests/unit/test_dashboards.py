@@ -150,3 +150,35 @@ def test_substitute_fills_every_variable_and_refuses_unknown_ones() -> None:
     assert generate.substitute("rate(x[$__rate_interval]) offset $__range") == "rate(x[1m]) offset 1h"
     with pytest.raises(ValueError, match=r"\$cluster"):
         generate.substitute('up{cluster="$cluster"}')
+
+
+def _controller_exports() -> dict[str, set[str]]:
+    """Metric name (as queried) -> label names, read from a live `ControllerMetrics` registry."""
+    from controller import metrics
+
+    exported: dict[str, set[str]] = {}
+    for name, collector in vars(metrics.ControllerMetrics()).items():
+        if name == "registry":
+            continue
+        family = next(iter(collector.collect()))
+        queried = family.name + ("_total" if family.type == "counter" else "")
+        exported[queried] = set(collector._labelnames)
+    return exported
+
+
+def test_controller_metric_names_and_labels_match_the_controller() -> None:
+    """Names and label sets come from controller/metrics.py itself, so a rename breaks this test, not a dashboard."""
+    exported = _controller_exports()
+    assert set(exported) == set(generate.CONTROLLER_METRICS)
+    grouping = re.compile(r"\b(?:by|on|without|ignoring)\s*\(([^)]*)\)")
+    matcher = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"")
+    for dashboard, panel, expr in generate.queries():
+        names = _metric_names(expr)
+        if not names <= set(exported):
+            continue
+        allowed = set().union(*(exported[n] for n in names)) | {"le"}
+        used = {
+            label.strip() for group in grouping.findall(expr) for label in group.split(",") if label.strip()
+        }
+        used |= set(matcher.findall(expr))
+        assert used <= allowed, f"{dashboard} / {panel}: labels {used - allowed} not on {sorted(names)}"

@@ -466,6 +466,12 @@ def test_third_party_objects_are_structurally_sound(rendered: dict[str, list[Obj
     assert seen == {"NodePool", "CapacityBuffer", "ProvisioningRequest", "PodMonitor", "ServiceMonitor"}
 
 
+def test_controller_scrape_keeps_the_policy_namespace_label(rendered: dict[str, list[Obj]]) -> None:
+    """The controller exports `namespace` (the policy's); the scrape must not overwrite it with its own."""
+    monitor = _find(rendered["examples"], "ServiceMonitor", "forestall-controller")
+    assert all(endpoint.get("honorLabels") is True for endpoint in monitor["spec"]["endpoints"])
+
+
 def test_structural_checks_catch_broken_objects(rendered: dict[str, list[Obj]]) -> None:
     nodepool = copy.deepcopy(_find(rendered["karpenter"], "NodePool", "gpu-inference"))
     del nodepool["spec"]["template"]["spec"]["nodeClassRef"]["group"]
