@@ -200,13 +200,12 @@ class Controller:
             await self.close()
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float) -> None:
+        """Until the timeout, a change (policy event, leadership) or stop; a follower waits without timeout."""
         if self._dirty and self.acting:
             return
-        waiters = [
-            asyncio.ensure_future(self.clock.sleep(max(0.0, timeout_s))),
-            asyncio.ensure_future(self._wake.wait()),
-            asyncio.ensure_future(stop.wait()),
-        ]
+        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        if self.acting or self._requeue:
+            waiters.append(asyncio.ensure_future(self.clock.sleep(max(0.0, timeout_s))))
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:

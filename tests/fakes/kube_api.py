@@ -1180,6 +1180,25 @@ async def eventually(check: Callable[[], bool], what: str, *, timeout_s: float =
     raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
+async def advance_until(
+    clock: clock_mod.FakeClock, check: Callable[[], bool], what: str, *, step_s: float, max_steps: int = 100
+) -> None:
+    """Move a FakeClock in steps until `check` holds: for sleepers that may register after a given advance.
+
+    After each step the event loop gets up to half a second of real time to react before the next step, so
+    fake time never runs ahead by more than one step of what the code under test has seen.
+    """
+    for _ in range(max_steps):
+        if check():
+            return
+        clock.advance(step_s)
+        for _ in range(50):
+            if check():
+                return
+            await asyncio.sleep(0.01)
+    raise AssertionError(f"{what}: not reached after {max_steps} steps of {step_s:g} s")
+
+
 # --- object builders for tests ------------------------------------------------------------------------------
 
 
