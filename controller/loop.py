@@ -203,7 +203,10 @@ class Controller:
         """Until the timeout, a change (policy event, leadership) or stop; a follower waits without timeout."""
         if self._dirty and self.acting:
             return
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
+        waiters: list[asyncio.Future[Any]] = [
+            asyncio.ensure_future(self._wake.wait()),
+            asyncio.ensure_future(stop.wait()),
+        ]
         if self.acting or self._requeue:
             waiters.append(asyncio.ensure_future(self.clock.sleep(max(0.0, timeout_s))))
         try:
