@@ -14,6 +14,9 @@
   to scale down. The replica addresses come from the balancer Service's EndpointSlices (the kube module
   lists them; `replica_addresses` formats them).
 - `SignalsHistory` records the signals' demand per step, the history of a policy without Prometheus.
+- `Demands` is the loop's `DemandSource` (`controller.loop`): one `PolicyDemand` per policy, the balancer
+  replicas looked up through a function the kube layer supplies (EndpointSlice addresses of the Service),
+  one shared HTTP session, and each policy's latest problems in `errors(key)` (also logged).
 - `PolicyDemand` puts these together for one policy: each `read()` gives the history (with its forecast
   from `controller.forecasting`), the signals, and one line per problem, ready for `decide()`. The blocking
   parts (the Prometheus client, a forecaster's first fit) run on a thread so the event loop keeps serving.
@@ -28,8 +31,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
+import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -42,9 +46,10 @@ from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
 
 from balancer import signals as signals_mod
-from controller import cluster, decide, forecasting, policy
+from controller import decide, forecasting, policy
 
 FloatArray = npt.NDArray[np.float64]
+log = logging.getLogger(__name__)
 
 MAX_POINTS_PER_QUERY = 10_000
 """Steps per range query; Prometheus refuses more than 11,000 points per series."""
@@ -382,11 +387,11 @@ class PolicyDemand:
         self,
         now: float,
         *,
-        state: cluster.ClusterState,
+        horizon_s: float,
         session: aiohttp.ClientSession | None = None,
         balancer_replicas: Sequence[str] = (),
     ) -> DemandReading:
-        """Read history and signals (both at once), forecast the peak over the horizon for `state`."""
+        """Read history and signals (both at once), forecast the peak over `horizon_s` (`decide.horizon_s`)."""
         spec = self.spec
         errors: list[str] = []
         sig_reading: SignalsReading | None = None
@@ -427,7 +432,7 @@ class PolicyDemand:
                 history.timestamps,
                 history.values,
                 now=now,
-                horizon_s=decide.horizon_s(spec, state),
+                horizon_s=horizon_s,
             )
             if peak is None and pf.error_:
                 errors.append(pf.error_)
@@ -437,6 +442,94 @@ class PolicyDemand:
     def close(self) -> None:
         if self.prometheus_ is not None:
             self.prometheus_.close()
+
+
+EndpointLookup = Callable[[str, str], Sequence[str]]
+"""(namespace, service) -> addresses of the Service's ready endpoints (from its EndpointSlices)."""
+
+
+class Demands:
+    """Demand input for every policy the loop reconciles (implements `controller.loop.DemandSource`).
+
+    Args:
+        balancer_endpoints: looks up a balancer Service's ready endpoint addresses; without it, policies
+            that name a balancer get no signals (and `decide()` holds their capacity, `SignalsMissing`).
+        signals_timeout_s: per balancer replica.
+    """
+
+    def __init__(
+        self,
+        *,
+        balancer_endpoints: EndpointLookup | None = None,
+        signals_timeout_s: float = SIGNALS_TIMEOUT_S,
+        refit_every_s: float = 3600.0,
+    ) -> None:
+        self.balancer_endpoints = balancer_endpoints
+        self.signals_timeout_s = signals_timeout_s
+        self.refit_every_s = refit_every_s
+        self._policies: dict[tuple[str, str], PolicyDemand] = {}
+        self._errors: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def read(
+        self, scaling_policy: policy.ScalingPolicy, *, now: float, horizon_s: float
+    ) -> tuple[decide.DemandHistory | None, decide.SignalsSnapshot | None]:
+        meta, spec = scaling_policy.metadata, scaling_policy.spec
+        key = (meta.namespace, meta.name)
+        current = self._policies.get(key)
+        pd = (
+            PolicyDemand(spec, refit_every_s=self.refit_every_s)
+            if current is None
+            else current.for_spec(spec)
+        )
+        self._policies[key] = pd
+        replicas: list[str] = []
+        lookup_error: str | None = None
+        bal = spec.demand.balancer
+        if bal is not None:
+            namespace = bal.namespace or meta.namespace
+            if self.balancer_endpoints is None:
+                lookup_error = "no way to find balancer replicas (no EndpointSlice lookup configured)"
+            else:
+                try:
+                    replicas = replica_addresses(self.balancer_endpoints(namespace, bal.service), bal.port)
+                except Exception as exc:  # a lookup failure is missing data, not a crash
+                    lookup_error = f"balancer Service {namespace}/{bal.service}: endpoints unavailable: {exc}"
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.signals_timeout_s * 2)
+            )
+        reading = await pd.read(
+            now,
+            horizon_s=horizon_s,
+            session=self._session if lookup_error is None else None,
+            balancer_replicas=replicas,
+        )
+        errors = reading.errors if lookup_error is None else (lookup_error, *reading.errors)
+        errors = tuple(e for e in errors if e != "no HTTP session to read balancer signals with")
+        if errors:
+            log.warning("%s/%s: demand input: %s", *key, "; ".join(errors))
+        self._errors[key] = errors
+        return reading.history, reading.signals
+
+    def errors(self, namespace: str, name: str) -> tuple[str, ...]:
+        """The problems of the policy's last read (empty when all its demand data came in)."""
+        return self._errors.get((namespace, name), ())
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Drop a deleted policy's caches."""
+        pd = self._policies.pop((namespace, name), None)
+        if pd is not None:
+            pd.close()
+        self._errors.pop((namespace, name), None)
+
+    async def close(self) -> None:
+        for pd in self._policies.values():
+            pd.close()
+        self._policies.clear()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 def _utc(unix_s: float) -> dt.datetime:

@@ -16,6 +16,7 @@ from controller import cluster, decide, demand, policy
 from tests.fakes.prometheus import per_backend, recorded_demand, running_prometheus
 
 QUERY = 'sum(forestall_balancer_active_streams{namespace="llm"})'
+HORIZON_S = 480.0
 
 
 class Balancer:
@@ -80,7 +81,7 @@ async def test_prometheus_and_signals_feed_decide(tmp_path: Path, balancer: Bala
         balancer.active = {"w0": 300, "w1": 290, "w2": 320}
         async with aiohttp.ClientSession() as session:
             reading = await reader.read(
-                now, state=state(3, now), session=session, balancer_replicas=[balancer.address]
+                now, horizon_s=HORIZON_S, session=session, balancer_replicas=[balancer.address]
             )
         assert reading.errors == ()
         h = reading.history
@@ -107,7 +108,7 @@ async def test_unreachable_prometheus_is_reported_and_decide_holds(balancer: Bal
     balancer.time = now
     async with aiohttp.ClientSession() as session:
         reading = await reader.read(
-            now, state=state(5, now), session=session, balancer_replicas=[balancer.address]
+            now, horizon_s=HORIZON_S, session=session, balancer_replicas=[balancer.address]
         )
     assert reading.history is None and reading.signals is not None
     assert len(reading.errors) == 1 and "unreachable" in reading.errors[0]
@@ -123,7 +124,7 @@ async def test_a_policy_without_prometheus_builds_its_history_from_signals(balan
     async with aiohttp.ClientSession() as session:
         balancer.time, balancer.active = now, {"w0": 100}
         first = await reader.read(
-            now, state=state(2, now), session=session, balancer_replicas=[balancer.address]
+            now, horizon_s=HORIZON_S, session=session, balancer_replicas=[balancer.address]
         )
         assert first.history is not None and first.history.forecast is None
         assert any("only 1 demand samples" in e for e in first.errors)
@@ -133,17 +134,76 @@ async def test_a_policy_without_prometheus_builds_its_history_from_signals(balan
             t = now + 60 * k
             balancer.time, balancer.active = t, {"w0": 100 + 10 * k}
             reading = await reader.read(
-                t, state=state(2, t), session=session, balancer_replicas=[balancer.address]
+                t, horizon_s=HORIZON_S, session=session, balancer_replicas=[balancer.address]
             )
         assert reading.errors == ()
         h = reading.history
         assert h is not None and h.values.tolist() == [100.0, 110.0, 120.0, 130.0] and h.forecast is not None
         # The balancer goes quiet: the signals-built history stops at its last sample and goes stale.
         late = now + 60 * 3 + 120
-        gone = await reader.read(late, state=state(3, late), session=session, balancer_replicas=[])
+        gone = await reader.read(late, horizon_s=HORIZON_S, session=session, balancer_replicas=[])
         plan = decide.decide(spec, late, gone.history, gone.signals, state(3, late))
         assert not plan.demand_data_available and not plan.drain
         assert gone.history is not None and gone.history.forecast is not None
         # Held: never below the 3 there are; the (wide, four-sample) forecast may only raise it.
         assert plan.desired_replicas == max(3, decide.replicas_for(gone.history.forecast.value, 64))
         assert {r.code for r in plan.reasons} >= {"HistoryStale", "SignalsMissing"}
+
+
+def scaling_policy(port: int, prometheus_url: str | None = None) -> policy.ScalingPolicy:
+    demand_spec: dict[str, object] = {"balancer": {"service": "balancer", "port": port}}
+    if prometheus_url is not None:
+        demand_spec["prometheus"] = {"url": prometheus_url, "query": QUERY}
+    return policy.ScalingPolicy.model_validate(
+        {
+            "metadata": {"name": "chat", "namespace": "llm"},
+            "spec": make_spec(**demand_spec).model_dump(by_alias=True, exclude_none=True),
+        }
+    )
+
+
+async def test_demands_is_the_loops_demand_source(balancer: Balancer) -> None:
+    from controller import loop
+
+    asked: list[tuple[str, str]] = []
+
+    def endpoints(namespace: str, service: str) -> list[str]:
+        asked.append((namespace, service))
+        return ["127.0.0.1"]
+
+    source = demand.Demands(balancer_endpoints=endpoints)
+    _: loop.DemandSource = source
+    port = int(balancer.address.rsplit(":", 1)[1])
+    obj = scaling_policy(port)
+    now = 1_700_000_000.0 - 1_700_000_000.0 % 60
+    try:
+        balancer.time, balancer.active = now, {"w0": 70, "w1": 60}
+        history, signals = await source.read(obj, now=now, horizon_s=HORIZON_S)
+        assert asked == [("llm", "balancer")]
+        assert signals is not None and signals.active_streams == 130
+        assert history is not None and history.values.tolist() == [130.0]
+        assert any("demand samples" in e for e in source.errors("llm", "chat"))
+        # The same policy again reuses its caches: the history grows.
+        balancer.time = now + 60
+        history, _signals = await source.read(obj, now=now + 60, horizon_s=HORIZON_S)
+        assert history is not None and history.values.size == 2
+    finally:
+        await source.close()
+
+
+async def test_demands_reports_endpoint_lookup_failures() -> None:
+    def broken(namespace: str, service: str) -> list[str]:
+        raise RuntimeError("EndpointSlice watch not synced")
+
+    for source, why in (
+        (demand.Demands(balancer_endpoints=broken), "endpoints unavailable: EndpointSlice watch not synced"),
+        (demand.Demands(), "no EndpointSlice lookup configured"),
+    ):
+        try:
+            history, signals = await source.read(
+                scaling_policy(8081), now=1_700_000_000.0, horizon_s=HORIZON_S
+            )
+            assert history is None and signals is None
+            assert any(why in e for e in source.errors("llm", "chat")), source.errors("llm", "chat")
+        finally:
+            await source.close()
