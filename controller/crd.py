@@ -175,3 +175,48 @@ def _convert(
             out["x-kubernetes-list-type"] = "map"
             out["x-kubernetes-list-map-keys"] = ["type"]
     return out
+
+
+def field_reference() -> str:
+    """Every ScalingPolicy spec field as a markdown table (path, type, default, meaning), from the models.
+
+    The README's "Tune" section embeds it between markers and a test fails when it is out of date, so the
+    documentation cannot drift from the API either.
+    """
+    rows = ["| field | type | default | what it means and why the default |", "| --- | --- | --- | --- |"]
+    _reference_rows(openapi_schema(policy.ScalingPolicySpec), "spec", rows)
+    return "\n".join(rows) + "\n"
+
+
+def _reference_rows(node: dict[str, Any], path: str, rows: list[str]) -> None:
+    required = set(node.get("required", []))
+    for name, sub in node.get("properties", {}).items():
+        here = f"{path}.{name}"
+        kind = sub.get("type", "")
+        if "enum" in sub:
+            kind = " \\| ".join(f"`{v}`" for v in sub["enum"])
+        elif kind == "array":
+            kind = f"list of {sub['items'].get('type', '')}"
+            if sub["items"].get("type") == "object":
+                rows.append(f"| `{here}` | {kind} | | {sub.get('description', '')} |")
+                _reference_rows(sub["items"], f"{here}[]", rows)
+                continue
+        if name in required:
+            default = "required"
+        elif "default" in sub and sub["default"] != {}:
+            default = f"`{sub['default']}`"
+        else:
+            default = ""
+        bounds = []
+        if "minimum" in sub:
+            bounds.append((">" if sub.get("exclusiveMinimum") else ">=") + f" {sub['minimum']}")
+        if "maximum" in sub:
+            bounds.append(("<" if sub.get("exclusiveMaximum") else "<=") + f" {sub['maximum']}")
+        text = sub.get("description", "").replace("|", "\\|")
+        if bounds:
+            text = f"({', '.join(bounds)}) {text}"
+        if kind != "object":
+            rows.append(f"| `{here}` | {kind} | {default} | {text} |")
+        else:
+            rows.append(f"| `{here}` | object | {default} | {text} |")
+            _reference_rows(sub, here, rows)

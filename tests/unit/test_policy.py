@@ -178,3 +178,12 @@ def test_status_round_trips_through_schema(example: dict[str, Any], schema: dict
     doc = dict(example, status=status.model_dump(by_alias=True, exclude_none=True))
     assert crd_schema.validate(schema, doc) == []
     assert policy.parse(doc).status == status
+
+
+def test_readme_field_reference_is_generated_from_the_model() -> None:
+    """The README's "Tune" table is `crd.field_reference()`; regenerate it when the API changes."""
+    text = (ROOT / "README.md").read_text()
+    start, end = "<!-- policy-reference:start -->\n", "<!-- policy-reference:end -->"
+    assert start in text and end in text
+    embedded = text.split(start, 1)[1].split(end, 1)[0]
+    assert embedded == crd.field_reference()
