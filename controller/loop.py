@@ -12,8 +12,8 @@ One process serves many policies (all namespaces or one). Each policy is reconci
    balancers, the forecast over that horizon); a failing source counts as missing data, which `decide()`
    answers by holding capacity;
 4. `decide()`s, then, unless the policy is `mode: dryRun` or the process runs with the dry-run override,
-   acts: pod annotations first (drain marks, `karpenter.sh/do-not-disrupt`, deletion costs, one merge patch
-   per pod), then the scale subresource, then the provisioner. A 409 requeues the policy;
+   acts through `controller.acting.apply_plan` (drain marks, `karpenter.sh/do-not-disrupt` and deletion costs
+   first, then the provisioner, then the scale subresource). A 409 requeues the policy;
 5. reports, in dry-run too: the status subresource (`ScalingPolicyStatus`, conditions Ready,
    DemandDataAvailable, Forecasting, Degraded; written only when it changed), an Event for each scale,
    drain, undrain and removal decision (dry-run Events say what would have been done), and the metrics.
@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from balancer import clock as clock_mod
-from controller import cluster, decide, errors, metrics, policy
+from controller import acting, cluster, decide, errors, metrics, policy
 from controller.kube import cluster as kube_cluster
 from controller.kube import lease, reporting
 
@@ -230,6 +230,9 @@ class Controller:
             self._dirty.discard(key)
             self.metrics.forget(*key)
             self.reporter.forget(*key)
+            forget = getattr(self.demand, "forget", None)
+            if forget is not None:
+                forget(*key)
             return
         known = self._state.get(key)
         if known is None or known.generation != meta.get("generation"):
@@ -357,7 +360,8 @@ class Controller:
         events = _decision_events(parsed, plan, state, dry=dry)
         scaled = False
         if not dry:
-            scaled = self._apply(kc, plan, state, now)
+            done = acting.apply_plan(kc, plan, state, now=now)
+            scaled = any(line.startswith("scale ") for line in done)
         overwrites = kc.deletion_cost_overwrites()
         status = self._status(
             obj,
@@ -387,31 +391,6 @@ class Controller:
         if plan.drain and not dry:
             self.metrics.drains.labels(*labels).inc(len(plan.drain))
         known.last_plan = plan
-
-    def _apply(
-        self, kc: kube_cluster.KubeCluster, plan: decide.Plan, state: cluster.ClusterState, now: float
-    ) -> bool:
-        """Act on the cluster: annotations, then scale, then provision. True when the replicas changed."""
-        wanted: dict[str, dict[str, str | None]] = {}
-        for pod in plan.undrain:
-            wanted.setdefault(pod, {})[cluster.DRAIN_ANNOTATION] = None
-        for pod in plan.drain:
-            wanted.setdefault(pod, {})[cluster.DRAIN_ANNOTATION] = f"{now:.3f}"
-        for pod, on in plan.do_not_disrupt.items():
-            wanted.setdefault(pod, {})[cluster.DO_NOT_DISRUPT_ANNOTATION] = "true" if on else None
-        for pod, cost in plan.deletion_cost.items():
-            wanted.setdefault(pod, {})[cluster.DELETION_COST_ANNOTATION] = str(cost)
-        for pod, changes in sorted(wanted.items()):
-            try:
-                kc.annotate(pod, changes)
-            except errors.NotFound:
-                log.info("%s: pod %s is gone; skipping its annotations", kc.namespace, pod)
-        scaled = False
-        if plan.desired_replicas != state.spec_replicas:
-            kc.set_replicas(plan.desired_replicas)
-            scaled = True
-        kc.provision(plan.provision_gpus)
-        return scaled
 
     # --- status --------------------------------------------------------------------------------------------
 

@@ -43,6 +43,9 @@ LEAD_TIME_SAMPLES = 50
 """Recent observations behind each measured lead time: enough for a stable median, recent enough to follow
 a change of node type or image."""
 
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+"""The label that ties an EndpointSlice to its Service."""
+
 MAX_NODE_PROVISIONING_S = 3600.0
 """A node whose Ready came more than an hour after its creation was restarted, not provisioned: ignored."""
 
@@ -65,7 +68,12 @@ class Caches:
         self.deployments = informer.Informer(dep_fn, *dep_args, name="deployments")
         self.statefulsets = informer.Informer(sts_fn, *sts_args, name="statefulsets")
         self.nodes = informer.Informer(core.list_node, name="nodes")
-        self.all = (self.pods, self.deployments, self.statefulsets, self.nodes)
+        discovery = client.DiscoveryV1Api(api_client)
+        eps_fn, eps_args = scoped(
+            discovery.list_namespaced_endpoint_slice, discovery.list_endpoint_slice_for_all_namespaces
+        )
+        self.endpointslices = informer.Informer(eps_fn, *eps_args, name="endpointslices")
+        self.all = (self.pods, self.deployments, self.statefulsets, self.nodes, self.endpointslices)
         self._node_memo: dict[str, tuple[str, tuple[cluster.NodeState, ...]]] = {}
         self._node_lock = threading.Lock()
 
@@ -79,6 +87,22 @@ class Caches:
 
     def wait_synced(self, timeout_s: float) -> bool:
         return all(inf.wait_synced(timeout_s) for inf in self.all)
+
+    def service_addresses(self, namespace: str, service: str) -> list[str]:
+        """Addresses of a Service's ready endpoints, from its EndpointSlices (no API call: the cache).
+
+        This is the `balancer_endpoints` lookup of `controller.demand.Demands`: it finds the balancer
+        replicas to ask for `/signals`. Endpoints that are not ready, or terminating, are left out.
+        """
+        slices = self.endpointslices.by_label(namespace, {SERVICE_NAME_LABEL: service})
+        addresses: set[str] = set()
+        for eps in slices:
+            for endpoint in eps.get("endpoints") or []:
+                conditions = endpoint.get("conditions") or {}
+                if conditions.get("ready") is False or conditions.get("terminating"):
+                    continue
+                addresses.update(endpoint.get("addresses") or [])
+        return sorted(addresses)
 
     def workloads(self, kind: str) -> informer.Informer:
         return self.deployments if kind == "Deployment" else self.statefulsets

@@ -393,7 +393,9 @@ class ProvisioningRequest:
                 continue
             if since is None:
                 pending += self._count(request) * per
-            elif now - since < self.settings.booking_s:
+            elif now - since < self.settings.booking_s - RENEW_MARGIN_S:
+                # a booking about to lapse is not counted as held, so the plan's GPUs differ from the
+                # state's and the loop calls provision(), which renews it
                 provisioned += self._count(request) * per
         return provisioned, pending
 

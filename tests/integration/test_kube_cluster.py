@@ -355,6 +355,7 @@ async def test_provisioning_request_is_renewed_before_its_booking_lapses(env: En
     ]
 
     env.clock.advance(600 - provisioners.RENEW_MARGIN_S + 1)
+    assert (await env.call(kc.state)).provisioned_gpus == 0  # about to lapse: no longer counted as held
     await env.call(kc.provision, 2)
     [renewed] = env.api.objects(group, "provisioningrequests", NS)
     assert renewed["metadata"]["name"] != request["metadata"]["name"]
@@ -365,3 +366,27 @@ async def test_provisioning_request_is_renewed_before_its_booking_lapses(env: En
     assert bigger["spec"]["podSets"][0]["count"] == 3
     await env.call(kc.provision, 0)
     assert env.api.objects(group, "provisioningrequests", NS) == []
+
+
+async def test_balancer_replicas_are_found_through_ready_endpoints(env: Env) -> None:
+    env.api.put(
+        {
+            "apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice",
+            "metadata": {
+                "name": "balancer-abc",
+                "namespace": NS,
+                "labels": {"kubernetes.io/service-name": "balancer"},
+            },
+            "addressType": "IPv4",
+            "endpoints": [
+                {"addresses": ["10.1.0.1"], "conditions": {"ready": True}},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": False}},
+                {"addresses": ["10.1.0.3"], "conditions": {"ready": True, "terminating": True}},
+            ],
+            "ports": [{"name": "admin", "port": 8081, "protocol": "TCP"}],
+        }
+    )
+    await eventually(lambda: env.caches.service_addresses(NS, "balancer") != [], "slice cached")
+    assert env.caches.service_addresses(NS, "balancer") == ["10.1.0.1"]
+    assert env.caches.service_addresses(NS, "other") == []
