@@ -199,7 +199,7 @@ def print_table(result: simulate.SimResult) -> None:
         "vs lead",
         "scale events",
     ):
-        table.add_column(col, justify="left" if col == "policy" else "right")
+        table.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
     for name, r in pols.items():
         table.add_row(
             name,
@@ -214,6 +214,8 @@ def print_table(result: simulate.SimResult) -> None:
             f"{r['scale_events']:,}",
         )
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)  # piped or captured: do not squeeze the table to 80 columns
     console.print(table)
     console.print(
         f"oracle: capacity equal to each second's peak demand, Ready at once; oracle-lead: whole nodes requested "
