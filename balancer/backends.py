@@ -1,0 +1,245 @@
+"""The backend table and stream leases: who is there, in what state, and how many streams each carries now.
+
+A stream's load is a `Lease`, taken when the stream is placed and released in `finally` when it ends however
+it ends (finished, client gone, backend gone, cancelled), so "least loaded" means fewest open streams, not
+fewest open requests: a balancer that counts a stream only until its headers arrive piles new streams onto
+pods that are still decoding. Releasing twice is harmless, so a lease can be released early on a known failure
+and again by the `finally`.
+
+Backends come from sources (the static file, each EndpointSlice watch, inline config); `sync()` replaces one
+source's set. A backend that leaves its source stops getting new streams at once but keeps its object while
+leases are open, so its in-flight streams finish and are counted (a terminating pod is drained, not cut); when
+the last lease ends it is forgotten. A backend that joins after startup warms up (drain.py ramps its weight).
+
+The counters here (`started`, `completed`, `failed`, `relayed_bytes`, the TTFB histogram) are plain ints read by
+the metrics collector at scrape time, so a stream costs a few integer additions and no metric-object calls.
+
+What this module does not do: choose (picking.py), eject (health.py), ramp or queue (drain.py), or any I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from balancer import clock as clock_mod
+from balancer import picking
+from balancer.config import BackendSpec, BalancerConfig
+
+TTFB_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+"""Time-to-first-byte histogram bounds: from a cached answer (ms) to a long prefill under load (a minute)."""
+
+TTFB_DECAY_S = 10.0
+"""Peak-EWMA time constant: a slow first byte counts at once, and fades over ~10 s once backends recover."""
+
+
+@dataclass(eq=False)
+class Backend:
+    """One backend and everything the balancer knows about it. Mutated only on the event loop."""
+
+    address: str
+    weight: float = 1.0
+    pod: str | None = None
+    max_streams: int | None = None
+    methods: tuple[str, ...] = ()
+    source: str = "inline"
+    joined_s: float = 0.0
+    """Monotonic time it joined (or its pod started): the start of its warm-up ramp."""
+    warm: bool = True
+    draining: bool = False
+    drain_started_s: float | None = None
+    present: bool = True
+    """False once its source dropped it: no new streams, kept only until its leases end."""
+
+    active: int = 0
+    queued: int = 0
+    """Backend-reported waiting streams (scraped), or a saturating figure when the scrape is stale."""
+    sessions: int = 0
+    leases: set[Lease] = field(default_factory=set)
+
+    consecutive_failures: int = 0
+    ejections: int = 0
+    ejected_until_s: float | None = None
+
+    ttfb_ewma_s: float = 0.0
+    ttfb_samples: int = 0
+    ttfb_updated_s: float = 0.0
+    ttfb_buckets: list[int] = field(default_factory=lambda: [0] * (len(TTFB_BUCKETS_S) + 1))
+    ttfb_sum_s: float = 0.0
+
+    started: int = 0
+    completed: int = 0
+    failed: dict[str, int] = field(default_factory=dict)
+    relayed_bytes: int = 0
+
+    def state(self, now_s: float) -> str:
+        """warming | ready | draining | ejected, at monotonic time `now_s`."""
+        if self.ejected_until_s is not None and now_s < self.ejected_until_s:
+            return "ejected"
+        if self.draining or not self.present:
+            return "draining"
+        return "ready" if self.warm else "warming"
+
+    def capacity_streams(self, default_per_weight: int | None) -> int | None:
+        """Streams it carries before new ones queue, or None for no cap."""
+        if self.max_streams is not None:
+            return self.max_streams
+        if default_per_weight is None:
+            return None
+        return max(1, math.floor(default_per_weight * self.weight))
+
+    def observe_ttfb(self, ttfb_s: float, now_s: float) -> None:
+        """Fold one time to first byte into the peak EWMA and the histogram."""
+        if ttfb_s >= self.ttfb_ewma_s or self.ttfb_samples == 0:
+            self.ttfb_ewma_s = ttfb_s
+        else:
+            keep = math.exp(-max(now_s - self.ttfb_updated_s, 0.0) / TTFB_DECAY_S)
+            self.ttfb_ewma_s = self.ttfb_ewma_s * keep + ttfb_s * (1.0 - keep)
+        self.ttfb_updated_s = now_s
+        self.ttfb_samples += 1
+        self.ttfb_sum_s += ttfb_s
+        for i, bound in enumerate(TTFB_BUCKETS_S):
+            if ttfb_s <= bound:
+                self.ttfb_buckets[i] += 1
+                break
+        else:
+            self.ttfb_buckets[-1] += 1
+
+    def count_failure(self, reason: str) -> None:
+        self.failed[reason] = self.failed.get(reason, 0) + 1
+
+
+class Lease:
+    """One stream's load on one backend, from pick to end of stream."""
+
+    __slots__ = ("_pool", "backend", "released", "started_s")
+
+    def __init__(self, pool: Pool, backend: Backend, started_s: float) -> None:
+        self._pool = pool
+        self.backend = backend
+        self.started_s = started_s
+        self.released = False
+
+    def release(self) -> None:
+        """End the stream's load; idempotent."""
+        if self.released:
+            return
+        self.released = True
+        backend = self.backend
+        backend.active -= 1
+        backend.leases.discard(self)
+        self._pool.on_release(backend)
+
+
+class Pool:
+    """All backends, keyed by address, with the leases on them."""
+
+    def __init__(self, config: BalancerConfig, *, clock: clock_mod.Clock) -> None:
+        self.config = config
+        self.clock = clock
+        self.backends: dict[str, Backend] = {}
+        self.listeners: list[Callable[[], None]] = []
+        """Called with no argument when capacity may have freed up (a lease ended, a backend joined)."""
+
+    def sync(
+        self,
+        specs: Iterable[BackendSpec],
+        *,
+        source: str,
+        initial: bool = False,
+        started_s: dict[str, float] | None = None,
+    ) -> None:
+        """Make `source`'s backends exactly `specs`; joiners warm up unless `initial` (present at startup).
+
+        `started_s` gives a monotonic start time per address (a pod's start), dating its warm-up ramp.
+        """
+        now = self.clock.monotonic()
+        started_s = started_s or {}
+        wanted = {spec.address: spec for spec in specs}
+        for address, backend in list(self.backends.items()):
+            if backend.source == source and address not in wanted:
+                backend.present = False
+                self._forget_if_idle(backend)
+        for spec in wanted.values():
+            self.upsert(
+                spec, source=source, initial=initial, now_s=now, started_s=started_s.get(spec.address)
+            )
+        self.notify()
+
+    def upsert(
+        self, spec: BackendSpec, *, source: str, initial: bool, now_s: float, started_s: float | None = None
+    ) -> Backend:
+        """Add or update one backend. `started_s` (monotonic) dates its warm-up, e.g. from the pod start."""
+        backend = self.backends.get(spec.address)
+        if backend is None or not backend.present:
+            if backend is None:
+                backend = Backend(address=spec.address)
+                self.backends[spec.address] = backend
+            backend.present = True
+            backend.joined_s = now_s if started_s is None else started_s
+            backend.warm = initial or self.config.slow_start_s == 0
+            if not backend.warm and now_s - backend.joined_s >= self.config.slow_start_s:
+                backend.warm = True
+        backend.source = source
+        backend.weight = spec.weight
+        backend.pod = spec.pod
+        backend.max_streams = spec.max_streams
+        backend.methods = spec.methods
+        self.set_draining(backend, spec.drain, now_s=now_s)
+        return backend
+
+    def set_draining(self, backend: Backend, draining: bool, *, now_s: float) -> None:
+        if draining and not backend.draining:
+            backend.drain_started_s = now_s
+        if not draining:
+            backend.drain_started_s = None
+        backend.draining = draining
+
+    def lease(self, backend: Backend) -> Lease:
+        """Take one stream's load on `backend` (the caller releases it in `finally`)."""
+        lease = Lease(self, backend, self.clock.monotonic())
+        backend.active += 1
+        backend.started += 1
+        backend.leases.add(lease)
+        return lease
+
+    def on_release(self, backend: Backend) -> None:
+        if not backend.present:
+            self._forget_if_idle(backend)
+        self.notify()
+
+    def notify(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+    def present(self) -> list[Backend]:
+        return [b for b in self.backends.values() if b.present]
+
+    def candidates(
+        self, backends: Iterable[Backend], *, warm_factor: Callable[[Backend], float]
+    ) -> list[picking.Candidate]:
+        """Snapshot for picking; a backend at its stream cap is left out (it would only queue)."""
+        now = self.clock.monotonic()
+        cap = self.config.max_streams_per_backend
+        out = []
+        for b in backends:
+            limit = b.capacity_streams(cap)
+            if limit is not None and b.active >= limit:
+                continue
+            out.append(
+                picking.Candidate(
+                    key=b.address,
+                    active=b.active + b.sessions,
+                    queued=b.queued,
+                    weight=b.weight,
+                    ttfb_ewma_s=b.ttfb_ewma_s,
+                    state=b.state(now),
+                    warm_factor=warm_factor(b),
+                )
+            )
+        return out
+
+    def _forget_if_idle(self, backend: Backend) -> None:
+        if backend.active == 0 and self.backends.get(backend.address) is backend:
+            del self.backends[backend.address]

@@ -1,0 +1,133 @@
+"""The balancer's live state in one object, and the placement rule that combines its parts.
+
+`Balancer` owns the backend pool, warm-up, outlier detection, the retry budget, the admission queue, the MCP
+session table and the affinity ring, plus the one aiohttp client session that talks to backends. `place()`
+turns "a new stream arrived" into a held lease: eligible backends (present, not draining or ejected, under their
+stream cap, serving the MCP method if one is named), then affinity or bounded-load session placement, then
+`picking.pick`; when nothing fits it waits in the admission queue.
+
+It lives apart from proxy.py so the admin API, the signals and the tests can reach the state without HTTP.
+
+What this module does not do: HTTP (proxy.py, websockets.py), discovery or background tasks (app.py).
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+
+import aiohttp
+
+from balancer import clock as clock_mod
+from balancer import drain, health, picking, sessions
+from balancer.backends import Backend, Lease, Pool
+from balancer.config import BalancerConfig
+
+
+class Balancer:
+    """All state of one balancer replica."""
+
+    def __init__(
+        self,
+        config: BalancerConfig,
+        *,
+        clock: clock_mod.Clock = clock_mod.SYSTEM,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.pool = Pool(config, clock=clock)
+        self.warmup = drain.WarmUp(self.pool, config, clock=clock)
+        self.outliers = health.OutlierDetector(self.pool, config, clock=clock)
+        self.budget = health.RetryBudget(ratio=config.retry_budget_ratio, min_retries=config.retry_budget_min)
+        self.admission = drain.AdmissionQueue(self.pool, config, clock=clock)
+        self.sessions = sessions.SessionTable(
+            self.pool, idle_timeout_s=config.session_idle_timeout_s, clock=clock
+        )
+        self.ring = sessions.HashRing()
+        self.client: aiohttp.ClientSession | None = None
+        self.backend_ssl: ssl.SSLContext | None = None
+        self.scheme = "https" if config.backend_tls else "http"
+        self.ws_scheme = "wss" if config.backend_tls else "ws"
+        self.client_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=config.connect_timeout_s, sock_read=config.idle_timeout_s
+        )
+        self.pool.sync(config.backends, source="inline", initial=True)
+
+    async def start(self) -> None:
+        """Open the client session to the backends (on the running loop)."""
+        if self.config.backend_tls:
+            self.backend_ssl = ssl.create_default_context(
+                cafile=str(self.config.backend_ca) if self.config.backend_ca else None
+            )
+            if self.config.backend_cert is not None:
+                self.backend_ssl.load_cert_chain(str(self.config.backend_cert), str(self.config.backend_key))
+        self.client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, ssl=self.backend_ssl if self.backend_ssl else True),
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=self.client_timeout,
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.close()
+            self.client = None
+
+    def choose(
+        self,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        affinity_key: str | None = None,
+        method: str | None = None,
+        new_session: bool = False,
+    ) -> Backend | None:
+        """The backend for a new stream now, or None when none can take it."""
+        self.warmup.refresh()
+        pool = self.pool
+        backends = [b for b in pool.backends.values() if b.present and b.address not in exclude]
+        if method is not None:
+            backends = [b for b in backends if not b.methods or method in b.methods]
+        candidates = pool.candidates(backends, warm_factor=self.warmup.factor)
+        eligible = [c for c in candidates if c.state in picking.ELIGIBLE_STATES]
+        if not eligible:
+            return None
+        if affinity_key is not None:
+            return self.ring.choose(
+                affinity_key, [pool.backends[c.key] for c in eligible], epsilon=self.config.session_epsilon
+            )
+        if new_session:
+            fits = {
+                b.address
+                for b in sessions.under_bound(
+                    [pool.backends[c.key] for c in eligible], epsilon=self.config.session_epsilon
+                )
+            }
+            eligible = [c for c in eligible if c.key in fits]
+        chosen = picking.pick(eligible, rng=self.rng)
+        return None if chosen is None else pool.backends[chosen.key]
+
+    async def place(
+        self,
+        *,
+        exclude: frozenset[str] = frozenset(),
+        affinity_key: str | None = None,
+        method: str | None = None,
+        new_session: bool = False,
+    ) -> Lease:
+        """A lease on the chosen backend, waiting in the admission queue if every backend is full.
+
+        Raises:
+            NoBackendError: the queue is full or the wait ran out.
+        """
+
+        def attempt() -> Lease | None:
+            backend = self.choose(
+                exclude=exclude, affinity_key=affinity_key, method=method, new_session=new_session
+            )
+            return None if backend is None else self.pool.lease(backend)
+
+        return await self.admission.admit(attempt)

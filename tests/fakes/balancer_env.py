@@ -1,0 +1,132 @@
+"""Shared balancer fixtures: real loopback backends (emulated GPU servers and scripted misbehaving ones) and a
+running balancer, plus small helpers to read its state.
+
+Everything listens on 127.0.0.1 with port 0. `wait_until` polls a condition the test then asserts on; it bounds
+the wait (a hang fails by name) and never asserts on how long anything took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from balancer import app as app_mod
+from balancer import backend_emulator
+from balancer import clock as clock_mod
+from balancer import config as config_mod
+from balancer.runtime import Balancer
+
+
+async def start_app(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve an aiohttp app on a free loopback port; returns the runner and `127.0.0.1:PORT`."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"127.0.0.1:{runner.addresses[0][1]}"
+
+
+@contextlib.asynccontextmanager
+async def emulators(
+    *specs: dict[str, Any], clock: clock_mod.Clock = clock_mod.SYSTEM
+) -> AsyncIterator[list[str]]:
+    """Emulated GPU backends, one per spec (`slots`, `ttft_s`, `seconds_per_token`); yields their addresses."""
+    runners = []
+    try:
+        addresses = []
+        for i, spec in enumerate(specs):
+            app = backend_emulator.create_app(name=f"gpu-{i}", clock=clock, **spec)
+            runner, address = await start_app(app)
+            runners.append(runner)
+            addresses.append(address)
+        yield addresses
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+class Running:
+    """A balancer serving on loopback: `url`, `admin_url`, its `bal` state and `served` listeners."""
+
+    def __init__(self, served: app_mod.Served, bal: Balancer) -> None:
+        self.served = served
+        self.bal = bal
+        self.url = f"http://127.0.0.1:{served.port}"
+        self.admin_url = f"http://127.0.0.1:{served.admin_port}"
+
+    def active(self, address: str | None = None) -> int:
+        backends = self.bal.pool.backends
+        if address is not None:
+            return backends[address].active if address in backends else 0
+        return sum(b.active for b in backends.values())
+
+
+@contextlib.asynccontextmanager
+async def balancer(
+    backends: list[str] | None = None,
+    *,
+    clock: clock_mod.Clock = clock_mod.SYSTEM,
+    weights: dict[str, float] | None = None,
+    **settings: Any,
+) -> AsyncIterator[Running]:
+    """A balancer in front of `backends` (inline, present at startup) with config `settings`."""
+    specs = [{"address": a, "weight": (weights or {}).get(a, 1.0)} for a in backends or []]
+    values: dict[str, Any] = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "backends": specs}
+    values.update(settings)
+    config = config_mod.BalancerConfig.model_validate(values)
+    bal = Balancer(config, clock=clock)
+    apps = app_mod.create_apps(config, clock=clock, bal=bal)
+    served = await app_mod.serve(config, clock=clock, apps=apps, shutdown_grace_s=1.0)
+    try:
+        yield Running(served, bal)
+    finally:
+        await served.close()
+
+
+async def wait_until(condition: Callable[[], bool], *, what: str, timeout_s: float = 10.0) -> None:
+    """Poll `condition` until true; fail naming `what` if it never becomes true."""
+    async with asyncio.timeout(timeout_s):
+        while not condition():  # noqa: ASYNC110  (state changes inside the balancer, no event to await)
+            await asyncio.sleep(0.005)
+    assert condition(), what
+
+
+async def read_sse(resp: aiohttp.ClientResponse) -> list[str]:
+    """The `data:` payloads of an SSE response, read to its end."""
+    events = []
+    async for line in resp.content:
+        text = line.decode().rstrip("\r\n")
+        if text.startswith("data:"):
+            events.append(text[5:].strip())
+    return events
+
+
+def completion_body(*, tokens: int = 4, stream: bool = True) -> dict[str, Any]:
+    return {"model": "m", "prompt": "hi", "max_tokens": tokens, "stream": stream}
+
+
+def write_backends(path: Path, backends: list[dict[str, Any]]) -> None:
+    path.write_text(json.dumps({"backends": backends}))
+
+
+async def fetch_json(session: aiohttp.ClientSession, url: str) -> Any:
+    async with session.get(url) as resp:
+        assert resp.status == 200, await resp.text()
+        return await resp.json()
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def scripted_backend(handler: Handler) -> tuple[web.AppRunner, str]:
+    """A backend whose every request is answered by `handler` (for misbehaviour the emulator lacks)."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return await start_app(app)
