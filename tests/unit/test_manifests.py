@@ -708,7 +708,13 @@ def test_controller_runs_two_replicas_with_leader_election_probes_and_resources(
         assert deployment["spec"]["replicas"] == 2
         container = deployment["spec"]["template"]["spec"]["containers"][0]
         assert container["args"][0] == "controller"
-        assert any(a.startswith("--leader-elect") for a in container["args"])
+        assert "--leader-election" in container["args"]
+        assert "--leader-election-namespace=$(POD_NAMESPACE)" in container["args"]
+        env = {
+            e["name"]: e.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") for e in container["env"]
+        }
+        assert env["POD_NAME"] == "metadata.name", "the Lease identity is the pod name"
+        assert env["POD_NAMESPACE"] == "metadata.namespace"
         for probe in ("livenessProbe", "readinessProbe"):
             assert container[probe]["httpGet"]["port"] in {p["name"] for p in container["ports"]}
         assert {"cpu", "memory"} <= container["resources"]["requests"].keys()
@@ -923,3 +929,39 @@ def test_dockerfile_builds_a_non_root_forestall_image() -> None:
         for source in line.split()[:-1]:
             assert (ROOT / source).exists(), source
             assert source.rstrip("/") not in ignored, f"{source} is in .dockerignore"
+
+
+def _flag(args: list[str], name: str) -> str:
+    values = [a.split("=", 1)[1] for a in args if a.startswith(f"{name}=")]
+    assert len(values) == 1, f"{name} given {len(values)} times in {args}"
+    return values[0]
+
+
+def test_ports_in_args_match_containers_services_and_network_policies(rendered: dict[str, list[Obj]]) -> None:
+    objs = rendered["base"]
+    controller = _find(objs, "Deployment", "forestall-controller")["spec"]["template"]["spec"]["containers"][
+        0
+    ]
+    metrics_port = int(_flag(controller["args"], "--metrics-port"))
+    assert {p["name"]: p["containerPort"] for p in controller["ports"]} == {"metrics": metrics_port}
+    service = _find(objs, "Service", "forestall-controller-metrics")
+    assert [p["port"] for p in service["spec"]["ports"]] == [metrics_port]
+    policy_ports = [
+        p["port"]
+        for r in _find(objs, "NetworkPolicy", "forestall-controller")["spec"]["ingress"]
+        for p in r["ports"]
+    ]
+    assert policy_ports == [metrics_port]
+    balancer = _find(objs, "Deployment", "forestall-balancer")["spec"]["template"]["spec"]["containers"][0]
+    assert int(_flag(balancer["args"], "--listen").rsplit(":", 1)[1]) == PROXY_PORT
+    assert int(_flag(balancer["args"], "--admin-listen").rsplit(":", 1)[1]) == ADMIN_PORT
+    # Listeners bind all interfaces in a pod (the defaults are loopback, unreachable from the Service).
+    assert _flag(balancer["args"], "--listen").startswith("0.0.0.0:")
+    assert _flag(controller["args"], "--metrics-address") == "0.0.0.0"
+    # Open streams get the termination grace minus the preStop sleep, not more.
+    pod = _find(objs, "Deployment", "forestall-balancer")["spec"]["template"]["spec"]
+    pre_stop_s = balancer["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert (
+        float(_flag(balancer["args"], "--shutdown-grace-s")) + pre_stop_s
+        < pod["terminationGracePeriodSeconds"]
+    )
