@@ -501,3 +501,16 @@ def test_signals_missing_a_replica_raise_but_never_lower() -> None:
     assert plan.do_not_disrupt == {"w0": True}  # zero from some replicas is not idle: no False marks
     plan = decide.decide(make_spec(), NOW, flat(1), partial, make_state(2))
     assert plan.desired_replicas == 4  # 35 seen streams still need 4 replicas
+
+
+def test_scale_down_empties_the_emptiest_node_first() -> None:
+    """A GPU node is billed until its last pod goes: its lone pod is drained before idle pods on full nodes."""
+    spec = make_spec(
+        scaleDown={"maxPodsPerMinute": 2, "stabilizationWindowSeconds": 600, "drainTimeoutSeconds": 300}
+    )
+    placement = {"w0": "n1", "w1": "n1", "w2": "n1", "w3": "n2", "w4": "n3", "w5": "n3"}
+    pods = tuple(dataclasses.replace(p, node=placement[p.name]) for p in ready_pods(6))
+    sigs = make_signals({"w0": 0, "w1": 0, "w2": 0, "w3": 4, "w4": 3, "w5": 2})
+    plan = decide.decide(spec, NOW, flat(9), sigs, make_state(6, pods=pods))
+    # 9 streams need 1 replica; two may go this minute: n2's only pod, then n3's less loaded one.
+    assert plan.drain == ("w3", "w5")
