@@ -268,6 +268,7 @@ http {{
       proxy_pass http://backends;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
+      proxy_set_header Host $http_host;
       proxy_buffering off;
       proxy_request_buffering off;
       proxy_read_timeout 3600s;
