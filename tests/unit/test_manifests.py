@@ -41,10 +41,12 @@ KUSTOMIZATIONS = {
     "karpenter": MANIFESTS / "overlays" / "karpenter",
     "cluster-autoscaler": MANIFESTS / "overlays" / "cluster-autoscaler",
     "dry-run": MANIFESTS / "overlays" / "dry-run",
-    "examples": MANIFESTS / "examples",
+    "monitoring": MANIFESTS / "examples" / "monitoring",
 }
 INSTALLS = ("base", "karpenter", "cluster-autoscaler", "dry-run")
 """The kustomizations that install Forestall itself (examples go on top of one of them)."""
+EXAMPLE_FILES = sorted((MANIFESTS / "examples").glob("*.yaml"))
+"""Applied with `kubectl apply -f` (plain files, so `forestall validate manifests/examples/*.yaml` works)."""
 STANDALONE_EXAMPLES = sorted((MANIFESTS / "examples" / "cluster-autoscaler").glob("*.yaml"))
 K8S_VERSION = "1.34.0"
 """A current Kubernetes release whose schemas kubernetes-validate ships (strict variant)."""
@@ -173,13 +175,22 @@ def _key(obj: Obj) -> tuple[str, str, str, str]:
     return (obj["apiVersion"], obj["kind"], obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
 
 
+def _load(path: Path) -> list[Obj]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, list[Obj]]:
-    return {name: render(path) for name, path in KUSTOMIZATIONS.items()}
+    """Every kustomization rendered, plus "examples": the example files and the monitoring kustomization."""
+    out = {name: render(path) for name, path in KUSTOMIZATIONS.items()}
+    out["examples"] = [doc for path in EXAMPLE_FILES for doc in _load(path)] + out["monitoring"]
+    return out
 
 
 def _all_objects(rendered: dict[str, list[Obj]]) -> Iterator[tuple[str, Obj]]:
     for name, objs in rendered.items():
+        if name == "monitoring":
+            continue  # also inside "examples"
         for obj in objs:
             yield name, obj
     for path in STANDALONE_EXAMPLES:
