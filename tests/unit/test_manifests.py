@@ -19,6 +19,7 @@ their CRDs plus cross-references (ports and templates that must exist), not a fu
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import shutil
 import subprocess
@@ -71,10 +72,16 @@ def render(path: Path) -> list[Obj]:
 
 
 def render_kubectl(path: Path) -> list[Obj]:
+    return [doc for doc in yaml.safe_load_all(_kubectl_kustomize(path)) if doc]
+
+
+@functools.cache
+def _kubectl_kustomize(path: Path) -> str:
+    """kubectl's output, once per path per run (the text is cached, so every caller gets fresh objects)."""
     assert KUBECTL is not None
     out = subprocess.run([KUBECTL, "kustomize", str(path)], capture_output=True, text=True, check=False)
     assert out.returncode == 0, f"kubectl kustomize {path} failed: {out.stderr}"
-    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    return out.stdout
 
 
 _CLUSTER_SCOPED = {
