@@ -364,13 +364,14 @@ class Controller:
             scaled = any(line.startswith("scale ") for line in done)
         overwrites = kc.deletion_cost_overwrites()
         status = self._status(
+            known,
             obj,
             parsed,
             plan,
             state,
             now=now,
             horizon_s=horizon_s,
-            scaled=scaled or (dry and plan.desired_replicas != state.spec_replicas),
+            scaled=scaled,
             overwrites=overwrites,
         )
         self.reporter.write_status(parsed.metadata.namespace, parsed.metadata.name, status)
@@ -396,6 +397,7 @@ class Controller:
 
     def _status(
         self,
+        known: _Policy,
         obj: Obj,
         parsed: policy.ScalingPolicy,
         plan: decide.Plan,
@@ -445,9 +447,7 @@ class Controller:
             node_provisioning_s=state.measured_node_provisioning_s,
             pod_start_s=state.measured_pod_start_s,
             model_load_s=state.measured_model_load_s,
-            samples=known_samples(
-                parsed, state, self._state.get((parsed.metadata.namespace, parsed.metadata.name))
-            ),
+            samples=known.cluster.lead_time_samples() if known.cluster is not None else 0,
         )
         status = policy.ScalingPolicyStatus(
             observed_generation=generation,
@@ -463,9 +463,7 @@ class Controller:
             if forecast is not None
             else None,
             desired_replicas=plan.desired_replicas,
-            current_replicas=plan.desired_replicas
-            if scaled and not (self.dry_run or parsed.spec.mode == "dryRun")
-            else state.spec_replicas,
+            current_replicas=plan.desired_replicas if scaled else state.spec_replicas,
             ready_replicas=state.ready_replicas,
             provisioned_gpus=state.provisioned_gpus,
             pending_gpus=state.pending_gpus,
@@ -509,13 +507,6 @@ class Controller:
         meta = obj["metadata"]
         self.reporter.write_status(meta.get("namespace", "default"), meta["name"], prev)
         self.reporter.event(obj, reason=reason, note=message, action="Reconcile", warning=True)
-
-
-def known_samples(parsed: policy.ScalingPolicy, state: cluster.ClusterState, known: _Policy | None) -> int:
-    """Observations behind the measured lead times (0 until something was measured)."""
-    if known is None or known.cluster is None:
-        return 0
-    return known.cluster.lead_time_samples()
 
 
 def _conditions(

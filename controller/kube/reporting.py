@@ -34,6 +34,9 @@ REPORTING_CONTROLLER = "forestall.dev/controller"
 EVENT_REPEAT_S = 600.0
 """An identical Event for the same policy is not written again within this long (10 minutes)."""
 
+RECENT_EVENTS_MAX = 10_000
+"""Remembered Events before the ones older than `EVENT_REPEAT_S` are forgotten (bounds memory)."""
+
 NOTE_MAX_CHARS = 1024
 """events.k8s.io/v1 rejects notes longer than 1 kB."""
 
@@ -116,6 +119,8 @@ class Reporter:
             last = self._recent.get(key)
             if last is not None and now - last < EVENT_REPEAT_S:
                 return False
+            if len(self._recent) >= RECENT_EVENTS_MAX:
+                self._recent = {k: t for k, t in self._recent.items() if now - t < EVENT_REPEAT_S}
             self._recent[key] = now
         body = {
             "apiVersion": "events.k8s.io/v1",
