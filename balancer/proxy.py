@@ -108,6 +108,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
     url_tail = request.raw_path
     bal.budget.on_request()
     tried: set[str] = set()
+    last_error = "no backend could take the stream"
+    last_status = 502
     lease: Lease | None = None
     start_s = bal.clock.monotonic()
     try:
@@ -131,13 +133,15 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 lease.release()
                 lease = None
                 bal.outliers.failure(backend, exc.reason)
+                last_error = str(exc)
+                last_status = 504 if exc.reason == "timeout" else 502
                 if _may_retry(bal, body, pinned, exc.reason):
                     continue
                 if pinned is not None and session_id is not None and bal.sessions.lookup(session_id) is None:
                     return error_response(
                         404, f"MCP session {session_id!r}: its backend is gone; initialize a new session"
                     )
-                return error_response(504 if exc.reason == "timeout" else 502, str(exc))
+                return error_response(last_status, str(exc))
             if (
                 upstream.status == 503
                 and attempt < bal.config.max_attempts
@@ -147,6 +151,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 lease.release()
                 lease = None
                 bal.outliers.failure(backend, "status_503")
+                last_error = f"backend {backend.address} answered 503"
                 continue
             return await _relay(request, bal, lease, upstream, start_s=start_s, session_id=session_id)
     except NoBackendError as exc:
@@ -158,7 +163,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     finally:
         if lease is not None:
             lease.release()
-    return error_response(502, f"every attempt failed ({', '.join(sorted(tried))})")
+    return error_response(last_status, f"{last_error} (tried {', '.join(sorted(tried))})")
 
 
 def error_response(status: int, message: str, *, headers: dict[str, str] | None = None) -> web.Response:

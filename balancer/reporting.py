@@ -45,6 +45,7 @@ class HotspotTracker:
     def update(self) -> dict[str, Hotspot]:
         """Recompute scores now; returns (and keeps) the result per backend address."""
         bal = self.bal
+        bal.warmup.refresh()
         now = bal.clock.monotonic()
         serving = [b for b in bal.pool.backends.values() if b.present and b.state(now) != "ejected"]
         total = sum(_units(b) for b in serving)
