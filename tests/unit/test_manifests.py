@@ -1,9 +1,9 @@
 """The kustomize manifests render, validate and keep their promises (security, RBAC, network, CLI flags).
 
-Rendering: `kubectl kustomize` when kubectl is on PATH (the host's /usr/bin/kubectl 1.32 embeds kustomize
-v5.5). Debian bookworm only packages kubectl 1.20 (`kubernetes-client`, kustomize v2.0.3, which predates
-`labels`, `patches` and directory resources), so CI machines without a modern kubectl use `render_python`
-below instead: a small equivalent covering exactly the kustomization fields these manifests use
+Rendering: `kubectl kustomize` when kubectl is on PATH with an embedded kustomize of v4.1 or later (the
+development host's /usr/bin/kubectl 1.32 embeds v5.5). Debian bookworm only packages kubectl 1.20
+(`kubernetes-client`, kustomize v2.0.3, which predates `labels` and `patches`), so it is not installed by
+scripts/setup, and CI machines without a modern kubectl use `render_python` below instead: a small equivalent covering exactly the kustomization fields these manifests use
 (resources, namespace, labels, images, JSON 6902 patches) and refusing any other field. When kubectl is
 present, a test renders every kustomization both ways and requires the same objects, so the fallback
 cannot drift silently. `RENDERER` says which one ran (printed in the pytest header line of each test id).
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
 import re
 import shutil
 import subprocess
@@ -53,7 +54,28 @@ EXAMPLE_FILES = sorted((MANIFESTS / "examples").glob("*.yaml"))
 STANDALONE_EXAMPLES = sorted((MANIFESTS / "examples" / "cluster-autoscaler").glob("*.yaml"))
 K8S_VERSION = "1.34.0"
 """A current Kubernetes release whose schemas kubernetes-validate ships (strict variant)."""
-KUBECTL = shutil.which("kubectl")
+MIN_KUSTOMIZE = (4, 1)
+"""The embedded kustomize must know `labels` (v4.1) and `patches`; Debian's kubectl 1.20 has v2.0.3."""
+
+
+def _kustomize_version(kubectl: str) -> tuple[int, int] | None:
+    out = subprocess.run(
+        [kubectl, "version", "--client", "-o", "json"], capture_output=True, text=True, check=False
+    )
+    match = re.match(r"v(\d+)\.(\d+)", json.loads(out.stdout or "{}").get("kustomizeVersion", ""))
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def _usable_kubectl() -> str | None:
+    """kubectl on PATH whose embedded kustomize renders these manifests, else None (use render_python)."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        return None
+    version = _kustomize_version(kubectl)
+    return kubectl if version is not None and version >= MIN_KUSTOMIZE else None
+
+
+KUBECTL = _usable_kubectl()
 RENDERER = "kubectl kustomize" if KUBECTL else "python fallback (render_python)"
 
 Obj = dict[str, Any]
@@ -217,10 +239,15 @@ def _find(objs: list[Obj], kind: str, name: str) -> Obj:
 # ----------------------------------------------------------------------------------------- the renders
 
 
-def test_renderer_in_use_is_reported() -> None:
-    """Which renderer ran is part of the result; `-rA` shows this line."""
-    print(f"manifests rendered with: {RENDERER}")
-    assert RENDERER
+def test_renderer_choice_follows_the_embedded_kustomize_version() -> None:
+    """kubectl renders when its kustomize is new enough; an old or missing one means the Python fallback."""
+    print(f"manifests rendered with: {RENDERER}")  # shown with -rA
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        assert KUBECTL is None
+        return
+    version = _kustomize_version(kubectl)
+    assert (KUBECTL is not None) == (version is not None and version >= MIN_KUSTOMIZE), version
 
 
 @pytest.mark.parametrize("name", list(KUSTOMIZATIONS))
