@@ -597,6 +597,9 @@ class FakeKubeApi:
         if name is None and verb == "get":
             verb = "watch" if query.get("watch") in ("true", "1") else "list"
         call = ApiCall(verb, group, version, plural, sub, namespace, name)
+        if verb == "watch" and self.record:
+            # a watch answers when it ends, maybe after the test looked: record it as it starts
+            self.recorded_calls.append(dataclass_replace(call, status=200))
         try:
             self._maybe_inject(request)
             response = await self._serve(request, rt, version, namespace, name, sub, verb)
@@ -604,7 +607,7 @@ class FakeKubeApi:
             if self.record:
                 self.recorded_calls.append(dataclass_replace(call, status=err.code))
             raise
-        if self.record:
+        if self.record and verb != "watch":
             self.recorded_calls.append(dataclass_replace(call, status=response.status))
         return response
 

@@ -8,6 +8,7 @@ shared with the API server, so creation and transition timestamps agree with wha
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -58,6 +59,13 @@ class ScriptedDemand:
                 horizon_s=horizon_s,
                 model="scripted",
                 computed_s=now,
+                # a straight ramp from the level now to the peak at the end of the horizon
+                path=tuple(
+                    float(x)
+                    for x in np.linspace(
+                        level, self.forecast.get(name, level), max(1, math.ceil(horizon_s / STEP_S))
+                    )
+                ),
             ),
             fetched_s=now,
         )
