@@ -20,6 +20,7 @@ import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from yarl import URL
 
+from balancer.backends import Backend
 from balancer.errors import NoBackendError
 from balancer.runtime import Balancer
 
@@ -39,6 +40,9 @@ WS_HEADERS_NOT_FORWARDED = frozenset(
     }
 )
 """Handshake headers each hop makes for itself; everything else (auth, cookies, custom) is forwarded."""
+
+CLOSE_WAIT_S = 5.0
+"""How long the second direction gets to finish the close handshake after the first one closed."""
 
 
 async def relay(request: web.Request, bal: Balancer) -> web.StreamResponse:
@@ -78,15 +82,22 @@ async def relay(request: web.Request, bal: Balancer) -> web.StreamResponse:
                 protocols=[upstream.protocol] if upstream.protocol else [], autoclose=False, max_msg_size=0
             )
             await server.prepare(request)
-            async with asyncio.TaskGroup() as group:
-                to_backend = group.create_task(_pump(server, upstream))
-                to_client = group.create_task(_pump(upstream, server))
-                done, _ = await asyncio.wait({to_backend, to_client}, return_when=asyncio.FIRST_COMPLETED)
-                for task in (to_backend, to_client):
-                    if task not in done:
-                        task.cancel()
-            bal.outliers.success(backend)
-            backend.completed += 1
+            pumps = (
+                asyncio.create_task(_pump(server, upstream)),
+                asyncio.create_task(_pump(upstream, server)),
+            )
+            outcome = _Outcome(request, bal, backend)
+            for pump in pumps:
+                # Counted from the pumps: aiohttp may cancel this handler the moment the client hangs up.
+                pump.add_done_callback(outcome.record)
+            try:
+                await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
+                # The other direction finishes the close handshake (or is cut if it hangs).
+                await asyncio.wait(pumps, timeout=CLOSE_WAIT_S)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+                await asyncio.gather(*pumps, return_exceptions=True)
         finally:
             await upstream.close()
             if not server.closed and server.prepared:
@@ -97,12 +108,35 @@ async def relay(request: web.Request, bal: Balancer) -> web.StreamResponse:
         lease.release()
 
 
+class _Outcome:
+    """Records how the socket ended, once: the first pump to finish decides."""
+
+    def __init__(self, request: web.Request, bal: Balancer, backend: Backend) -> None:
+        self.request = request
+        self.bal = bal
+        self.backend = backend
+        self.done = False
+
+    def record(self, pump: asyncio.Task[None]) -> None:
+        if self.done or pump.cancelled():
+            return
+        self.done = True
+        if pump.exception() is None:
+            self.backend.completed += 1
+            self.bal.outliers.success(self.backend)
+        elif self.request.transport is not None and not self.request.transport.is_closing():
+            self.bal.outliers.failure(self.backend, "midstream")
+        else:
+            self.backend.count_failure("client_gone")
+
+
 async def _pump(
     source: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
     sink: web.WebSocketResponse | aiohttp.ClientWebSocketResponse,
 ) -> None:
-    """Copy messages from source to sink until source closes; pass its close code on."""
-    async for msg in source:
+    """Copy messages from source to sink until source closes; pass its close code and reason on."""
+    while True:
+        msg = await source.receive()
         if msg.type is WSMsgType.TEXT:
             await sink.send_str(msg.data)
         elif msg.type is WSMsgType.BINARY:
@@ -110,8 +144,7 @@ async def _pump(
         elif msg.type is WSMsgType.CLOSE:
             await sink.close(code=msg.data, message=(msg.extra or "").encode())
             return
-        else:
-            break
-    code = source.close_code or WSCloseCode.GOING_AWAY
-    if not sink.closed:
-        await sink.close(code=code)
+        elif msg.type in (WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            if not sink.closed:
+                await sink.close(code=source.close_code or WSCloseCode.GOING_AWAY)
+            return
