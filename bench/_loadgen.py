@@ -84,6 +84,7 @@ class _Conn(asyncio.Protocol):
         self._tail5 = b""
         self._tail16 = b""
         self._fresh = True
+        self._head = b""
         self._backend = ""
         self._want_backend = False
 
@@ -98,13 +99,18 @@ class _Conn(asyncio.Protocol):
         self._events = 0
         self._tail5 = self._tail16 = b""
         self._fresh = True
+        self._head = b""
         self._backend = ""
         self._want_backend = want_backend
         self.transport.write(request)
         return self._waiter
 
     def data_received(self, data: bytes) -> None:
-        if self._fresh:
+        if self._fresh:  # the status line: wait until its first 12 bytes are in, however reads split it
+            self._head += data
+            if len(self._head) < 12:
+                return
+            data, self._head = self._head, b""
             self._fresh = False
             if not (data.startswith(b"HTTP/1.1 200") or data.startswith(b"HTTP/1.0 200")):
                 self._finish(False, "status " + data[:12].decode(errors="replace"))
