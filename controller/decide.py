@@ -332,7 +332,19 @@ def decide(
         )
     elif target > serving_now:
         deficit = target - serving_now
-        undrain = sorted(draining, key=lambda p: (-inputs.pod_load.get(p.name, 0), -(p.drain_started_s or 0)))
+        # Back first: pods on the fullest nodes (the emptying ones stay on course), then those with most streams.
+        per_node: dict[str | None, int] = {}
+        for p in live:
+            per_node[p.node] = per_node.get(p.node, 0) + 1
+        undrain = sorted(
+            draining,
+            key=lambda p: (
+                -(per_node[p.node] if p.node is not None else 1),
+                -inputs.pod_load.get(p.name, 0),
+                -(p.drain_started_s or 0),
+                p.name,
+            ),
+        )
         undrain = undrain[:deficit]
         new_pods = deficit - len(undrain)
         if undrain:

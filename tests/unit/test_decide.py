@@ -514,3 +514,15 @@ def test_scale_down_empties_the_emptiest_node_first() -> None:
     plan = decide.decide(spec, NOW, flat(9), sigs, make_state(6, pods=pods))
     # 9 streams need 1 replica; two may go this minute: n2's only pod, then n3's less loaded one.
     assert plan.drain == ("w3", "w5")
+
+
+def test_undrain_prefers_pods_on_full_nodes() -> None:
+    """The lone pod of a node being emptied stays drained; one on a full node comes back."""
+    placement = {"w0": "n1", "w1": "n1", "w2": "n1", "w3": "n2"}
+    annotations = {"w2": drained_at(NOW - 30), "w3": drained_at(NOW - 30)}
+    pods = tuple(
+        dataclasses.replace(p, node=placement[p.name]) for p in ready_pods(4, annotations=annotations)
+    )
+    sigs = make_signals({"w0": 10, "w1": 10, "w2": 0, "w3": 2})
+    plan = decide.decide(make_spec(), NOW, flat(23, forecast=25), sigs, make_state(4, pods=pods))
+    assert plan.undrain == ("w2",)
