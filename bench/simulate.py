@@ -34,20 +34,25 @@ TRACES = {
 
 
 def run_one(
-    key: str, *, peak_streams: float, seed: int, days: float | None
+    key: str, *, peak_streams: float, seed: int, days: float | None, start_day: float = 0.0
 ) -> tuple[simulate.SimResult, float, float]:
     path = TRACES[key][1]
     trace = traces.read_trace(path)
-    if days is not None and trace.counts is not None:
-        n = min(trace.counts.size, int(days * 86400 / trace.step_s))
+    if (days is not None or start_day) and trace.counts is not None:
+        i0 = int(start_day * 86400 / trace.step_s)
+        n = (
+            trace.counts.size - i0
+            if days is None
+            else min(trace.counts.size - i0, int(days * 86400 / trace.step_s))
+        )
         trace = traces.Trace(
             kind="counts",
-            start_s=trace.start_s,
-            end_s=trace.start_s + n * trace.step_s,
+            start_s=trace.start_s + i0 * trace.step_s,
+            end_s=trace.start_s + (i0 + n) * trace.step_s,
             source=trace.source,
             columns=trace.columns,
             step_s=trace.step_s,
-            counts=trace.counts[:n],
+            counts=trace.counts[i0 : i0 + n],
         )
     spec = simulate.default_spec()
     scale = simulate.scale_for_peak(trace, peak_streams, seconds_per_token=spec.capacity.seconds_per_token)
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace", choices=[*TRACES, "all"], default="all", help="which trace (default all)")
     ap.add_argument("--peak-streams", type=float, default=512.0, help="busiest minute's concurrent streams")
     ap.add_argument("--seed", type=int, default=0, help="seed (default 0)")
-    ap.add_argument("--days", type=float, default=None, help="simulate only the first DAYS of each trace")
+    ap.add_argument("--days", type=float, default=None, help="simulate only DAYS of each trace")
+    ap.add_argument("--start-day", type=float, default=0.0, help="start this many days into each trace")
     ap.add_argument("--no-record", action="store_true", help="print only; do not write BENCHMARKS.md")
     args = ap.parse_args(argv)
     keys = list(TRACES) if args.trace == "all" else [args.trace]
@@ -119,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     parts = []
     for key in keys:
-        result, wall, cpu = run_one(key, peak_streams=args.peak_streams, seed=args.seed, days=args.days)
+        result, wall, cpu = run_one(
+            key, peak_streams=args.peak_streams, seed=args.seed, days=args.days, start_day=args.start_day
+        )
         text = table(key, result, wall, cpu)
         print(text + "\n", flush=True)
         parts.append(text)

@@ -110,6 +110,8 @@ class SimCluster:
             k: deque(maxlen=MEASURED_SAMPLES) for k in ("node", "pod", "load")
         }
         self._median: dict[str, float | None] = {"node": None, "pod": None, "load": None}
+        self._node_version = 0
+        self._nodes_cache: tuple[tuple[int, int], tuple[cluster.NodeState, ...]] | None = None
 
     # --- the Cluster protocol -------------------------------------------------------------------------------
 
@@ -130,16 +132,12 @@ class SimCluster:
                 )
                 pod.snapshot_phase = phase
             pods.append(pod.snapshot)
-        nodes = tuple(
-            cluster.NodeState(
-                name=n.name,
-                gpus=n.gpus,
-                ready=n.ready_s <= now,
-                created_s=n.created_s,
-                ready_s=n.ready_s if n.ready_s <= now else None,
-            )
-            for n in self.nodes.values()
-        )
+        ready_now = sum(1 for n in self.nodes.values() if n.ready_s <= now)
+        if self._nodes_cache is not None and self._nodes_cache[0] == (self._node_version, ready_now):
+            nodes = self._nodes_cache[1]
+        else:
+            nodes = self._node_states(now)
+            self._nodes_cache = ((self._node_version, ready_now), nodes)
         return cluster.ClusterState(
             spec_replicas=self.spec_replicas,
             pods=tuple(pods),
@@ -149,6 +147,18 @@ class SimCluster:
             measured_node_provisioning_s=self._median["node"],
             measured_pod_start_s=self._median["pod"],
             measured_model_load_s=self._median["load"],
+        )
+
+    def _node_states(self, now: float) -> tuple[cluster.NodeState, ...]:
+        return tuple(
+            cluster.NodeState(
+                name=n.name,
+                gpus=n.gpus,
+                ready=n.ready_s <= now,
+                created_s=n.created_s,
+                ready_s=n.ready_s if n.ready_s <= now else None,
+            )
+            for n in self.nodes.values()
         )
 
     def set_replicas(self, replicas: int) -> None:
@@ -258,6 +268,10 @@ class SimCluster:
             self.nodes[pod.node].used_gpus -= self.gpus_per_replica
         self.removed.append((pod.id, self.now_s))
 
+    def pod_named(self, name: str) -> SimPod | None:
+        """The pod called `name`, or None when there is none (removed, or never existed)."""
+        return self._by_name(name)
+
     def _by_name(self, name: str) -> SimPod | None:
         if name.startswith("worker-"):
             try:
@@ -275,6 +289,7 @@ class SimCluster:
             self._observe("node", delay)
         node = SimNode(name=name, gpus=self.gpus_per_node, created_s=now, ready_s=ready_s)
         self.nodes[name] = node
+        self._node_version += 1
         return node
 
     def _fit(self, now: float) -> SimNode | None:
@@ -337,6 +352,7 @@ class SimCluster:
             spare -= node.gpus
             if now - node.unneeded_since_s >= self.node_release_after_s:
                 del self.nodes[node.name]
+                self._node_version += 1
 
     def _observe(self, kind: str, value: float) -> None:
         samples = self._measured[kind]

@@ -68,6 +68,11 @@ HPA_TOLERANCE = 0.1
 HPA_DOWN_STABILIZATION_S = 300.0
 """HPA's default scale-down stabilization window."""
 
+FORECAST_REFIT_S = (3600.0, 6 * 3600.0)
+"""The simulated controller refits its forecast models hourly, like the live one, while it has less than a day
+of history, then every 6 hours of new data: with days of history an hour changes little, and a week-long
+replay refits 30 times instead of 168 (between refits each new sample is folded in cheaply)."""
+
 CA_UNNEEDED_S = 600.0
 """cluster-autoscaler's default `--scale-down-unneeded-time`."""
 
@@ -435,7 +440,8 @@ class ForestallRunner(Runner):
         self.n_done = 0
         """History steps complete (their max is final)."""
         self.window = max(1, int(spec.forecast.history_s / self.step_s))
-        self.forecasts = forecasting.PolicyForecast(spec.forecast)
+        self.forecasts = forecasting.PolicyForecast(spec.forecast, refit_every_s=FORECAST_REFIT_S[0])
+        self._signal_cache: dict[tuple[int, bool, int], signals_mod.BackendSignals] = {}
         self.peak: decide.PeakForecast | None = None
         self.plans: list[tuple[float, decide.Plan]] = []
         self.last_plan: decide.Plan | None = None
@@ -454,6 +460,9 @@ class ForestallRunner(Runner):
         lo = max(0, self.n_done - self.window)
         state = self.cluster.state()
         if self.n_done:
+            fitted = self.forecasts.forecaster_
+            if fitted is not None and now - self.start_s >= 86400.0:
+                fitted.refit_every_s = FORECAST_REFIT_S[1]
             self.peak = self.forecasts.peak(
                 self.h_t[lo : self.n_done],
                 self.h_v[lo : self.n_done],
@@ -475,24 +484,29 @@ class ForestallRunner(Runner):
         c = self.cluster
         counts = self.book.per_pod(c.next_pod_id)
         backends = {}
+        cache = self._signal_cache
         for p in c.pods.values():
             if p.ready_s is None or p.ready_s > now:
                 continue
-            draining = c.draining(p)
-            backends[p.name] = signals_mod.BackendSignals.model_construct(
-                address=p.name,
-                pod=p.name,
-                state="draining" if draining else "ready",
-                active_streams=int(counts[p.id]) if p.id < counts.size else 0,
-                queued_streams=0,
-                open_sessions=0,
-                capacity_weight=1.0,
-                ttfb_s=None,
-                hotspot_score=0.0,
-                hotspot=False,
-                hotspot_reason="",
-                draining_oldest_s=None,
-            )
+            key = (p.id, c.draining(p), int(counts[p.id]) if p.id < counts.size else 0)
+            b = cache.get(key)
+            if b is None:
+                # A pod's report is one of few (state, streams) pairs: built once, reused (pydantic is slow).
+                b = cache[key] = signals_mod.BackendSignals.model_construct(
+                    address=p.name,
+                    pod=p.name,
+                    state="draining" if key[1] else "ready",
+                    active_streams=key[2],
+                    queued_streams=0,
+                    open_sessions=0,
+                    capacity_weight=1.0,
+                    ttfb_s=None,
+                    hotspot_score=0.0,
+                    hotspot=False,
+                    hotspot_reason="",
+                    draining_oldest_s=None,
+                )
+            backends[p.name] = b
         return decide.SignalsSnapshot(
             time_s=now,
             backends=backends,
@@ -508,7 +522,9 @@ class ForestallRunner(Runner):
         for name in plan.undrain:
             c.annotate(name, {cluster.DRAIN_ANNOTATION: None})
         for name, cost in plan.deletion_cost.items():
-            c.annotate(name, {cluster.DELETION_COST_ANNOTATION: str(cost)})
+            pod = c.pod_named(name)
+            if pod is not None and pod.annotations.get(cluster.DELETION_COST_ANNOTATION) != str(cost):
+                c.annotate(name, {cluster.DELETION_COST_ANNOTATION: str(cost)})
         if plan.provision_gpus != c.provisioned_gpus:
             c.provision(plan.provision_gpus)
         if plan.desired_replicas != c.spec_replicas:
