@@ -71,26 +71,31 @@ class EndpointSliceWatch:
         self.synced = False
 
     async def run(self) -> None:
-        """List and watch slices and pods until cancelled, relisting after errors."""
+        """List pods, then slices (so the first sync knows pod start times), then watch both until cancelled."""
         config = self.bal.config
         base, headers, ssl_ctx = _credentials(
             config.kube_api_url, config.kube_token_file, config.kube_ca_file
         )
-        async with aiohttp.ClientSession(
-            base_url=base, headers=headers, connector=aiohttp.TCPConnector(ssl=ssl_ctx)
-        ) as session:
+        connector = aiohttp.TCPConnector(ssl=ssl_ctx)
+        async with aiohttp.ClientSession(base_url=base, headers=headers, connector=connector) as session:
+            versions = {}
+            for kind in ("pods", "slices"):
+                path, params = self._query(kind)
+                versions[kind] = await self._list(session, kind, path, params)
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._loop(session, "slices"))
-                group.create_task(self._loop(session, "pods"))
+                for kind in ("pods", "slices"):
+                    group.create_task(self._loop(session, kind, versions[kind]))
 
-    async def _loop(self, session: aiohttp.ClientSession, kind: str) -> None:
+    async def _loop(self, session: aiohttp.ClientSession, kind: str, version: str | None) -> None:
         backoff_s = RELIST_BACKOFF_S[0]
         path, params = self._query(kind)
         while True:
             try:
-                version = await self._list(session, kind, path, params)
-                backoff_s = RELIST_BACKOFF_S[0]
+                if version is None:
+                    version = await self._list(session, kind, path, params)
+                    backoff_s = RELIST_BACKOFF_S[0]
                 async for event in _watch(session, path, {**params, "resourceVersion": version}):
+                    version = _event_version(event) or version
                     self._apply(kind, event)
             except (aiohttp.ClientError, KubeError, TimeoutError, ValueError) as exc:
                 log.warning(
@@ -103,6 +108,7 @@ class EndpointSliceWatch:
                 )
                 await self.bal.clock.sleep(backoff_s)
                 backoff_s = min(backoff_s * 2, RELIST_BACKOFF_S[1])
+                version = None
 
     def _query(self, kind: str) -> tuple[str, dict[str, str]]:
         if kind == "slices":
@@ -191,6 +197,13 @@ async def _watch(
         async for line in resp.content:
             if line.strip():
                 yield json.loads(line)
+
+
+def _event_version(event: dict[str, Any]) -> str | None:
+    """The resourceVersion to resume from after this event (BOOKMARKs carry one too)."""
+    metadata = (event.get("object") or {}).get("metadata") or {}
+    value = metadata.get("resourceVersion")
+    return str(value) if value else None
 
 
 def _pick_port(ports: list[dict[str, Any]], name: str | None) -> int | None:
