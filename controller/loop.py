@@ -144,6 +144,8 @@ class Controller:
         self._requeue_at = 0.0
         """Policies whose reconcile hit a conflict: reconciled again after `REQUEUE_S`, not in a hot loop."""
         self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        """Set on SIGTERM: the policies not yet started in a cycle are left for the next leader."""
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -173,6 +175,7 @@ class Controller:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Reconcile until `stop` is set (SIGTERM), then release the Lease and stop the watches."""
+        self._stopping = stop
         await self.start()
         elector_task = None
         if self.elector is not None:
@@ -264,7 +267,7 @@ class Controller:
 
         async def one(key: Key) -> None:
             async with semaphore:
-                if not self.acting:
+                if not self.acting or self._stopping.is_set():
                     return
                 started = self.clock.monotonic()
                 ok = await self.reconcile(key)
@@ -319,6 +322,10 @@ class Controller:
             log.warning("%s/%s: reconcile failed: %s", *key, exc)
             with contextlib.suppress(errors.ClusterError):
                 await asyncio.to_thread(self._report_failure, known, obj, "ClusterError", str(exc))
+            return False
+        except Exception:  # a bug must cost one policy one cycle, never the whole controller
+            self.metrics.reconcile_errors.labels(*key).inc()
+            log.exception("%s/%s: reconcile failed unexpectedly", *key)
             return False
 
     def _parse(self, known: _Policy, obj: Obj) -> policy.ScalingPolicy | None:

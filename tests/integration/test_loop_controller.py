@@ -437,3 +437,24 @@ async def test_run_reconciles_on_change_and_on_interval_and_stops(make_env: Any)
         stop.set()
         await task
     assert task.done() and task.exception() is None
+
+
+async def test_a_failing_reconcile_costs_one_policy_not_the_controller(make_env: Any) -> None:
+    """Regression guard: an unexpected exception in one policy's reconcile must not end the cycle."""
+
+    def brittle(spec: policy.ScalingPolicySpec, *args: Any) -> decide.Plan:
+        if spec.scale_target_ref.name == "broken":
+            raise RuntimeError("a bug in one policy's decision")
+        return decide.decide(spec, *args)
+
+    env = await make_env(decide_fn=brittle)
+    ready_pods(env, "broken", 1)
+    ready_pods(env, "fine", 1)
+    env.api.put(kube_api.scaling_policy("broken", NS))
+    env.api.put(kube_api.scaling_policy("fine", NS))
+    env.demand.level.update(broken=35.0, fine=35.0)
+    await start(env)
+    result = await env.reconcile()
+    assert (result.reconciled, result.failed) == (2, 1)
+    assert env.replicas("fine") == 4 and env.replicas("broken") == 1
+    assert env.metric("forestall_controller_reconcile_errors_total", policy="broken") == 1
