@@ -107,16 +107,25 @@ class Calibration:
         self, center: FloatArray, quantiles: Sequence[float]
     ) -> tuple[dict[float, FloatArray], dict[float, float]]:
         """Per-step paths and peak values for each quantile: finite, >= 0, monotone in q."""
+        paths, peaks = self.quantiles_batch(center[None, :], quantiles)
+        return {q: p[0] for q, p in paths.items()}, {q: float(v[0]) for q, v in peaks.items()}
+
+    def quantiles_batch(
+        self, centers: FloatArray, quantiles: Sequence[float]
+    ) -> tuple[dict[float, FloatArray], dict[float, FloatArray]]:
+        """`quantiles` for many central paths at once (rows), as the backtest needs."""
         paths: dict[float, FloatArray] = {}
-        peaks: dict[float, float] = {}
-        peak_c = float(center.max())
-        prev_path = np.zeros_like(center)
-        prev_peak = 0.0
+        peaks: dict[float, FloatArray] = {}
+        peak_c = centers.max(axis=1)
+        scale_path = _scale(centers, self.floor, self.power)
+        scale_peak = _scale(peak_c, self.floor, self.power)
+        prev_path = np.zeros_like(centers)
+        prev_peak = np.zeros_like(peak_c)
         for q in sorted(quantiles):
-            path = center + _scale(center, self.floor, self.power) * self.path_offsets(q)
-            path = np.maximum(np.nan_to_num(path, nan=0.0, posinf=0.0), prev_path)
-            peak = peak_c + float(_scale(np.array([peak_c]), self.floor, self.power)[0]) * self.peak_offset(q)
-            peak = max(peak if math.isfinite(peak) else 0.0, float(path.max()), prev_peak)
+            path = np.nan_to_num(centers + scale_path * self.path_offsets(q)[None, :], nan=0.0, posinf=0.0)
+            path = np.maximum(path, prev_path)
+            peak = np.nan_to_num(peak_c + scale_peak * self.peak_offset(q), nan=0.0, posinf=0.0)
+            peak = np.maximum(np.maximum(peak, path.max(axis=1)), prev_peak)
             paths[q], peaks[q] = path, peak
             prev_path, prev_peak = path, peak
         return paths, peaks

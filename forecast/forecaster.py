@@ -235,24 +235,26 @@ class Forecaster:
         self.steps_since_fit_ = 0
         self.model_name_ = "recent_max_fallback"
 
-    def _candidates(self, n_steps: int) -> list[models.Model]:
+    def _candidates(self, n_steps: int, horizon: int) -> list[models.Model]:
         cands = models.candidate_models(self.step_s, n_steps, season_steps=self.season_steps)
-        gbm = self._gbm_candidate(n_steps)
+        gbm = self._gbm_candidate(n_steps, horizon)
         if gbm is not None:
             cands.append(gbm)
         if self.model != "auto":
             cands = [m for m in cands if m.name == self.model]
         return cands
 
-    def _gbm_candidate(self, n_steps: int) -> models.Model | None:
+    def _gbm_candidate(self, n_steps: int, horizon: int) -> models.Model | None:
         if self.model not in ("auto", "gbm"):
             return None
-        try:
-            from forecast import gbm
-        except ImportError:  # pragma: no cover - gbm ships with the package
-            return None
+        from forecast import gbm  # scikit-learn loads only when a gbm is wanted
+
         return gbm.candidate(
-            self.step_s, n_steps, global_model=self.global_model, season_steps=self.season_steps
+            self.step_s,
+            n_steps,
+            horizon=horizon,
+            global_model=self.global_model,
+            season_steps=self.season_steps,
         )
 
     def _calibrate(self, horizon: int) -> _HorizonFit:
@@ -263,7 +265,7 @@ class Forecaster:
         )
         first_end = n - cal_len
         last_end = n - horizon
-        cands = [m for m in self._candidates(first_end) if first_end >= m.min_history_steps]
+        cands = [m for m in self._candidates(first_end, horizon) if first_end >= m.min_history_steps]
         if last_end - first_end + 1 < calibration.MIN_ORIGINS or not cands:
             return _HorizonFit("recent_max_fallback", [], None, {})
         count = min(self.max_origins, last_end - first_end + 1)
@@ -304,7 +306,7 @@ class Forecaster:
         # Refit the chosen models on the whole history for live forecasts (the profile sees the last days);
         # the gradient-boosted model keeps its calibration-time fit, which is the costly one.
         for m in comps:
-            if m.name != "gbm":
+            if not m.costly_fit:
                 m.fit(y, pos0=pos0)
         return _HorizonFit(name, comps, calib, scores)
 

@@ -66,12 +66,31 @@ def ffill(y: FloatArray) -> FloatArray:
     return out
 
 
+def last_valid(y: FloatArray, ends: IntArray) -> FloatArray:
+    """The last non-NaN value of each `y[:end]` (0 when there is none); cheap for a few live origins."""
+    if ends.size > 8:
+        return ffill(y)[np.clip(ends - 1, 0, None)]
+    out = np.zeros(ends.size)
+    for i, e in enumerate(ends):
+        lo = int(e)
+        while lo > 0:
+            chunk = y[max(0, lo - 256) : lo]
+            ok = np.flatnonzero(~np.isnan(chunk))
+            if ok.size:
+                out[i] = chunk[ok[-1]]
+                break
+            lo -= 256
+    return out
+
+
 class Model(ABC):
     """A central-path model: `fit` learns slow state, `predict` reads each origin's recent history."""
 
     name: str = ""
     min_history_steps: int = 1
     """Fewest steps of history the model needs before `fit`."""
+    costly_fit: bool = False
+    """True when `fit` is too slow to repeat for live forecasts after calibration (the per-series gbm)."""
 
     def fit(self, y: FloatArray, *, pos0: int) -> Model:
         """Learn slow-moving state from the history (default: nothing to learn)."""
@@ -95,14 +114,13 @@ class SeasonalNaive(Model):
         h = np.arange(horizon)
         back = m * ((h // m) + 1)
         idx = ends[:, None] + h[None, :] - back[None, :]
-        filled = ffill(y)
         out = np.where(idx >= 0, y[np.clip(idx, 0, None)], np.nan)
         older = idx - m
         retry = np.isnan(out) & (older >= 0)
         out[retry] = y[older[retry]]
         miss = np.isnan(out)
         if miss.any():
-            last = filled[np.clip(ends - 1, 0, None)]
+            last = last_valid(y, ends)
             out[miss] = np.broadcast_to(last[:, None], out.shape)[miss]
         return np.maximum(out, 0.0)
 
@@ -113,7 +131,7 @@ class Naive(Model):
     name = "naive"
 
     def predict(self, y: FloatArray, ends: IntArray, horizon: int, *, pos0: int) -> FloatArray:
-        last = ffill(y)[np.clip(ends - 1, 0, None)]
+        last = last_valid(y, ends)
         return np.repeat(np.maximum(last, 0.0)[:, None], horizon, axis=1)
 
 
@@ -127,9 +145,18 @@ class RecentMax(Model):
 
     def predict(self, y: FloatArray, ends: IntArray, horizon: int, *, pos0: int) -> FloatArray:
         w = max(1, self.window or horizon)
-        peak = rolling_max(y, w)[np.clip(ends - 1, 0, None)]
-        peak = np.where(np.isnan(peak), ffill(y)[np.clip(ends - 1, 0, None)], peak)
+        if ends.size <= 8:
+            peak = np.array([_nanmax(y[max(0, int(e) - w) : int(e)]) for e in ends])
+        else:
+            peak = rolling_max(y, w)[np.clip(ends - 1, 0, None)]
+        if np.isnan(peak).any():
+            peak = np.where(np.isnan(peak), last_valid(y, ends), peak)
         return np.repeat(np.maximum(peak, 0.0)[:, None], horizon, axis=1)
+
+
+def _nanmax(x: FloatArray) -> float:
+    ok = x[~np.isnan(x)]
+    return float(ok.max()) if ok.size else float("nan")
 
 
 def rolling_max(y: FloatArray, window: int) -> FloatArray:
