@@ -152,7 +152,7 @@ async def _main(config: Any, *, grace_s: float) -> None:
 
     served = await app_mod.serve(config, shutdown_grace_s=grace_s)
     logging.getLogger("balancer").info(
-        "balancer listening on %s (port %d), admin on %s", config.listen, served.port, config.admin_listen
+        "balancer listening on port %d, admin on port %s", served.port, served.admin_port
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
