@@ -67,6 +67,8 @@ WORKERS = "vllm"
 """The worker Deployment and its Service."""
 BALANCER_SERVICE = "forestall-balancer"
 POLICY = "vllm"
+POLICY_QUERY = "sum(forestall_balancer_active_streams)"
+"""The policy's demand PromQL: concurrent streams over every backend of the (one) balancer."""
 
 STREAMS_PER_REPLICA = 4
 """Matches the emulated servers' slots: a fifth stream on one replica would wait for a slot."""
@@ -108,7 +110,7 @@ def policy_object(prometheus_url: str, balancer_admin_port: int) -> dict[str, An
         NS,
         target=WORKERS,
         demand={
-            "prometheus": {"url": prometheus_url, "query": "sum(forestall_balancer_active_streams)"},
+            "prometheus": {"url": prometheus_url, "query": POLICY_QUERY},
             "balancer": {"service": BALANCER_SERVICE, "port": balancer_admin_port},
             "staleAfterSeconds": STALE_AFTER_S,
         },
@@ -164,6 +166,8 @@ class Run:
     balancer_failures: dict[str, int] = field(default_factory=dict)
     """Failed streams by reason, over every backend the balancer had (sampled on each kubelet poll)."""
     panels: list[PanelResult] = field(default_factory=list)
+    policy_range_queries: int = 0
+    """Range queries of the policy's PromQL at its 1 s step in Prometheus' query log (the controller's reads)."""
     replicas_at_drop: int = 0
     replicas_after_drop: int = 0
     removed_after_drop: list[str] = field(default_factory=list)
@@ -492,6 +496,9 @@ async def drive(
             )
             run.demand_peak_s = load.first_time_at_least(run.peak_streams)
             run.replicas_up_s = kubelet.replicas_at_least(run.needed_replicas)
+        run.policy_range_queries = sum(
+            1 for q in prom.queries() if q.get("query") == POLICY_QUERY and q.get("step") == 1
+        )
         # (c) Prometheus goes away, with no load left: with data, the window would pass and a pod would go.
         run.outage_replicas_before = deployment_replicas(api)
         run.outage_stopped_s = clock.monotonic()
@@ -577,6 +584,7 @@ def test_the_ramp_gets_capacity_before_demand_needs_it(system_run: Run) -> None:
         f"demand first needed them ({run.peak_streams} streams at peak): {run.history()}"
     )
     assert run.replicas_up_s < run.demand_peak_s
+    assert run.policy_range_queries >= 10, "the controller should read its demand history from Prometheus"
     assert run.decisions["ForecastPeak"] > 0
     assert any("ForecastPeak" in note for note in run.scale_up_notes), run.scale_up_notes
 
