@@ -356,6 +356,19 @@ class Forestall(Proxy):
         return self
 
 
+class ReferenceRelay(Proxy):
+    """`bench._reference_relay`: a protocol-level Python relay, the floor for any Python proxy (not a balancer)."""
+
+    label = "python protocol relay (reference)"
+
+    def start(self) -> Proxy:
+        self.port = free_port()
+        self._launch(
+            [PYTHON, "-m", "bench._reference_relay", str(self.port), *(b.address for b in self.backends)]
+        )
+        return self
+
+
 def forestall_available() -> bool:
     """Whether `forestall balancer` exists in this tree yet (it is being built alongside the benchmarks)."""
     done = subprocess.run([FORESTALL, "balancer", "--help"], capture_output=True, cwd=ROOT)

@@ -36,6 +36,8 @@ import numpy as np
 from bench import _proxies, _record
 
 PROXIES = ("direct", "nginx least_conn", "nginx round robin", "haproxy leastconn", "forestall")
+REFERENCE_RELAY = "python protocol relay (reference)"
+"""Opt-in row (`--reference-relay`): `bench._reference_relay`, to separate Python's cost from aiohttp's."""
 REFERENCE = "nginx least_conn"
 """What the targets compare to."""
 
@@ -51,6 +53,8 @@ def make_proxy(name: str, backends: list[_proxies.Backend]) -> _proxies.Proxy:
         return _proxies.Haproxy(backends)
     if name == "forestall":
         return _proxies.Forestall(backends)
+    if name == REFERENCE_RELAY:
+        return _proxies.ReferenceRelay(backends)
     raise ValueError(f"unknown proxy {name!r}; choose from {', '.join(PROXIES)}")
 
 
@@ -189,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup-s", type=float, default=3.0, help="seconds before the window (default 3)")
     parser.add_argument("--window-s", type=float, default=8.0, help="measurement window seconds (default 8)")
     parser.add_argument("--rounds", type=int, default=1, help="repeat every measurement; medians (default 1)")
+    parser.add_argument(
+        "--reference-relay",
+        action="store_true",
+        help="also measure bench._reference_relay, a protocol-level Python relay (a floor, not a balancer)",
+    )
     parser.add_argument("--quick", action="store_true", help="short windows, for trying the harness")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
     parser.add_argument("--note", action="append", default=[], help="a line to add under the table")
@@ -200,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.warmup_s, args.window_s = 2.0, 4.0
     notes = list(args.note)
+    if args.reference_relay:
+        args.proxies = [*args.proxies, REFERENCE_RELAY]
     if "forestall" in args.proxies and not _proxies.forestall_available():
         notes.append("Forestall: `forestall balancer` was not available in this tree when this ran.")
         args.proxies = [p for p in args.proxies if p != "forestall"]
