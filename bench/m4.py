@@ -50,10 +50,12 @@ def owa(s: float, m: float) -> float:
     return 0.5 * (s / NAIVE2_SMAPE + m / NAIVE2_MASE)
 
 
-def forecaster_fn(model: str, global_model: object | None = None) -> Callable[[np.ndarray], np.ndarray]:
+def forecaster_fn(
+    model: str, global_model: object | None = None, *, selection: str = "peak"
+) -> Callable[[np.ndarray], np.ndarray]:
     def run(y: np.ndarray) -> np.ndarray:
         t = np.arange(y.size) * 3600.0
-        f = Forecaster(model, 3600.0, season_steps=(24, 168), global_model=global_model)
+        f = Forecaster(model, 3600.0, season_steps=(24, 168), global_model=global_model, selection=selection)
         return f.fit(t, y).forecast(H, quantiles=(0.5,)).paths[0.5]
 
     return run
@@ -73,14 +75,15 @@ def main() -> int:
     ids = list(train)[: args.limit]
 
     t0 = time.perf_counter()
-    glob = gbm.GlobalGBM(3600.0, (24, 168), horizon=H).fit([train[i] for i in ids], rows_per_series=1500)
+    glob = gbm.GlobalGBM(3600.0, (24, 168), horizon=H).fit([train[i] for i in ids], rows_per_series=800)
     t_global = time.perf_counter() - t0
 
     methods: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "sNaive (computed here)": snaive,
         "profile_week": forecaster_fn("profile_week"),
         "gbm, global (fit on all 414 training series)": forecaster_fn("gbm", glob),
-        "auto, with the global gbm as a candidate": forecaster_fn("auto", glob),
+        "auto (selection=path), global gbm a candidate": forecaster_fn("auto", glob, selection="path"),
+        "auto (selection=peak, the controller's default)": forecaster_fn("auto", glob),
     }
     rows = []
     preds: dict[str, list[np.ndarray]] = {}

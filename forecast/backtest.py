@@ -105,6 +105,7 @@ def backtest(
     refit_every_s: float = models.DAY_S,
     max_origins: int | None = None,
     global_model: object | None = None,
+    max_refits: int = MAX_REFITS,
 ) -> BacktestReport:
     """Rolling-origin evaluation over the part of the series after `train_fraction` of it.
 
@@ -140,7 +141,7 @@ def backtest(
         )
     actual_peak = np.nanmax(actual, axis=1)
     span = int(ends[-1] - ends[0]) + 1
-    block = max(1, round(refit_every_s / step_s), math.ceil(span / MAX_REFITS))
+    block = max(1, round(refit_every_s / step_s), math.ceil(span / max(1, max_refits)))
     pred_peak = np.empty(ends.size)
     center = np.empty((ends.size, horizon_steps))
     chosen: Counter[str] = Counter()

@@ -88,6 +88,13 @@ def add_parser(sub: Any) -> None:
         metavar="N",
         help="thin the origins evenly to at most N (faster on long series)",
     )
+    b.add_argument(
+        "--max-refits",
+        type=int,
+        default=bt.MAX_REFITS,
+        metavar="N",
+        help=f"refit the model at most N times over the backtest (default {bt.MAX_REFITS})",
+    )
     b.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     b.add_argument(
         "--plot", type=Path, default=None, metavar="OUT.png", help="draw history, band and actuals"
@@ -127,6 +134,7 @@ def run_backtest(args: argparse.Namespace) -> int:
             model=args.model,
             origin_stride_steps=stride,
             max_origins=args.max_origins,
+            max_refits=args.max_refits,
         )
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -93,6 +93,8 @@ class Forecaster:
         refit_every_s: how much new data `update` folds in before models are refitted and recalibrated.
         global_model: a fitted `forecast.gbm.GlobalGBM` to use as the `gbm` candidate instead of fitting one
             on this series alone.
+        selection: what `auto` ranks models by: `peak` (out-of-sample pinball loss of the calibrated peak,
+            what the controller needs) or `path` (MAE of the central path, for point forecasts such as M4).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class Forecaster:
         calibration_s: float = CALIBRATION_S,
         max_origins: int = MAX_ORIGINS,
         global_model: object | None = None,
+        selection: str = "peak",
     ) -> None:
         self.model = model
         self.step_s = step_s
@@ -117,6 +120,7 @@ class Forecaster:
         self.calibration_s = calibration_s
         self.max_origins = max_origins
         self.global_model = global_model
+        self.selection = selection
 
     # -- public API -------------------------------------------------------------------------------------------
 
@@ -260,9 +264,15 @@ class Forecaster:
     def _calibrate(self, horizon: int) -> _HorizonFit:
         y, pos0 = self.y_, self.pos0_
         n = y.size
-        cal_len = min(
-            max(round(self.calibration_s / self.step_s), 3 * horizon + calibration.MIN_ORIGINS), n // 2
-        )
+        desired = max(round(self.calibration_s / self.step_s), 3 * horizon + calibration.MIN_ORIGINS)
+        least = horizon + 4 * calibration.MIN_ORIGINS
+        # Leave the most demanding (cheap) model that can fit enough history before the calibration span.
+        needs = [
+            m.min_history_steps
+            for m in models.candidate_models(self.step_s, n, season_steps=self.season_steps)
+            if (self.model in ("auto", m.name)) and m.min_history_steps <= n - least
+        ]
+        cal_len = max(least, min(desired, n - max(needs))) if needs else min(desired, n // 2)
         first_end = n - cal_len
         last_end = n - horizon
         cands = [m for m in self._candidates(first_end, horizon) if first_end >= m.min_history_steps]
@@ -287,16 +297,13 @@ class Forecaster:
             fitted[m.name] = m
         if not centers:
             return _HorizonFit("recent_max_fallback", [], None, {})
-        scores = {
-            name: min(calibration.split_loss(c, actuals, power=p) for p in calibration.POWERS)
-            for name, c in centers.items()
-        }
+        scores = {name: self._selection_loss(c, actuals) for name, c in centers.items()}
         ranked = sorted(scores, key=scores.__getitem__)
         choice = [ranked[0]]
         if self.model == "auto" and len(ranked) >= 2:
             blend = (centers[ranked[0]] + centers[ranked[1]]) / 2
             b_name = f"blend({ranked[0]},{ranked[1]})"
-            scores[b_name] = min(calibration.split_loss(blend, actuals, power=p) for p in calibration.POWERS)
+            scores[b_name] = self._selection_loss(blend, actuals)
             if scores[b_name] < scores[ranked[0]]:
                 choice = ranked[:2]
                 centers[b_name] = blend
@@ -309,6 +316,13 @@ class Forecaster:
             if not m.costly_fit:
                 m.fit(y, pos0=pos0)
         return _HorizonFit(name, comps, calib, scores)
+
+    def _selection_loss(self, centers: FloatArray, actuals: FloatArray) -> float:
+        if self.selection == "path":
+            # Point accuracy of the central path on the newer origins (M4-style use).
+            cut = round(centers.shape[0] * calibration.SELECTION_SPLIT)
+            return float(np.nanmean(np.abs(centers[cut:] - actuals[cut:])))
+        return min(calibration.split_loss(centers, actuals, power=p) for p in calibration.POWERS)
 
     def _trim(self) -> None:
         keep = round(self.history_s / self.step_s)
@@ -331,6 +345,8 @@ class Forecaster:
             not isinstance(self.horizon_steps, int) or self.horizon_steps < 1
         ):
             raise ValueError(f"horizon_steps must be a positive integer or None, got {self.horizon_steps!r}")
+        if self.selection not in ("peak", "path"):
+            raise ValueError(f"selection must be 'peak' or 'path', got {self.selection!r}")
         if self.refit_every_s <= 0 or self.history_s <= 0 or self.calibration_s <= 0 or self.max_origins < 1:
             raise ValueError("refit_every_s, history_s, calibration_s and max_origins must be positive")
 
