@@ -100,13 +100,14 @@ class Tick:
     """need[k]: slots that must be free at t0 or freed by running streams by arr[k] for streams 0..k to
     start on arrival (k + 1 minus the new streams already ended by then)."""
     need_max: int
+    ends_sorted: FloatArray
 
     @classmethod
     def of(cls, t0: float, t1: float, arr: FloatArray, dur: FloatArray) -> Tick:
         ends = arr + dur
-        reused = np.searchsorted(np.sort(ends), arr, side="right")
-        need = np.arange(1, arr.size + 1) - reused
-        return cls(t0, t1, arr, dur, ends, need, int(need.max(initial=0)))
+        ends_sorted = np.sort(ends)
+        need = np.arange(1, arr.size + 1) - np.searchsorted(ends_sorted, arr, side="right")
+        return cls(t0, t1, arr, dur, ends, need, int(need.max(initial=0)), ends_sorted)
 
 
 # --- streams ----------------------------------------------------------------------------------------------------
@@ -358,6 +359,8 @@ class Runner:
         self.cluster = c
         self.book = book
         self.slots = spec.capacity.streams_per_replica
+        self.ready_now = 0
+        """Ready pods at the start of the last tick."""
 
     def reconcile(self, now: float, demand: float) -> None:
         raise NotImplementedError
@@ -370,19 +373,23 @@ class Runner:
         if c.removed:
             self.book.remove_pods([pid for pid, _ in c.removed])
             c.removed.clear()
-        eligible = np.array(
-            [
-                p.id
-                for p in c.pods.values()
-                if p.ready_s is not None and p.ready_s <= t0 and not c.draining(p)
-            ],
-            dtype=np.int64,
-        )
-        coming = [(pid, t) for pid, t in c.ready_between(t0 + 1e-9, t1) if not c.draining(c.pods[pid])]
+        ids: list[int] = []
+        coming: list[tuple[int, float]] = []
+        ready = 0
+        drain_key = cluster.DRAIN_ANNOTATION
+        for p in c.pods.values():
+            r = p.ready_s
+            if r is None or r >= t1:
+                continue
+            if r <= t0:
+                ready += 1
+                if drain_key not in p.annotations:
+                    ids.append(p.id)
+            elif drain_key not in p.annotations:
+                coming.append((p.id, r))
+        self.ready_now = ready
+        eligible = np.array(ids, dtype=np.int64)
         return self.book.step(tick, eligible=eligible, slots=self.slots, coming=coming)
-
-    def ready_replicas(self, now: float) -> int:
-        return sum(1 for p in self.cluster.pods.values() if p.ready_s is not None and p.ready_s <= now)
 
 
 class HpaRunner(Runner):
@@ -555,16 +562,16 @@ class Oracle:
         s1 = min(math.ceil(tick.t1 - self.start_s), self.sec_max.size)
         sec = self.start_s + np.arange(s0, s1, dtype=np.float64)
         # Open streams at each second's start, and just after each arrival.
-        new_ends = np.sort(tick.ends)
+        new_ends = tick.ends_sorted
+        first = np.searchsorted(arr, sec, side="left")
         at_sec = (
-            np.searchsorted(arr, sec, side="left")
+            first
             - np.searchsorted(new_ends, sec, side="right")
             + (old.size - np.searchsorted(old, sec, side="right"))
         )
         peak = at_sec
         if arr.size:
             at_arr = tick.need + (old.size - np.searchsorted(old, arr, side="right"))
-            first = np.searchsorted(arr, sec, side="left")
             has = np.diff(np.append(first, arr.size)) > 0
             if has.any():
                 red = np.maximum.reduceat(at_arr, np.minimum(first, arr.size - 1))
@@ -758,7 +765,7 @@ def simulate(
         for r in runners:
             demand = float(r.book.act_end.size + r.book.q_arr.size)
             misses[r.name][k] = r.tick(tick, demand)
-            ready[r.name][k] = r.ready_replicas(t0) * slots
+            ready[r.name][k] = r.ready_now * slots
             billed[r.name][k] = r.cluster.node_gpus()
             if isinstance(r, ForestallRunner) and r.peak is not None:
                 forecast[k] = r.peak.value

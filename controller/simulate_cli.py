@@ -291,9 +291,24 @@ def plot(result: simulate.SimResult, out: Path) -> None:
             lw=1.1,
             drawstyle="steps-post",
             label=f"{name}: Ready capacity (streams)",
+            zorder=3 if name == "forestall" else 2,
         )
     ax.set_ylabel("concurrent streams")
-    ax.set_ylim(bottom=0)
+    # A reactive burst can ask for many times the demand; keep the demand readable and say what is cut off.
+    top = 1.6 * float(d_min.max()) if d_min.size else 1.0
+    clipped = [n for n, v in result.ready_streams.items() if n in result.misses and v.size and v.max() > top]
+    ax.set_ylim(0, top)
+    if clipped:
+        ax.text(
+            0.99,
+            0.98,
+            f"clipped at {top:,.0f}: {', '.join(clipped)}",
+            transform=ax.transAxes,
+            ha="right",
+            va="top",
+            fontsize=8,
+            color="0.35",
+        )
     ax.legend(loc="upper left", fontsize=8, ncol=2)
     pols = result.policies
     ax.set_title(
@@ -305,7 +320,7 @@ def plot(result: simulate.SimResult, out: Path) -> None:
         fontsize=9,
     )
     bucket = 40  # ticks of 15 s: 10 minutes
-    for name, miss in result.misses.items():
+    for name, miss in sorted(result.misses.items(), key=lambda kv: kv[0] == "forestall"):
         nb = int(np.ceil(miss.size / bucket))
         padded = np.zeros(nb * bucket, dtype=np.int64)
         padded[: miss.size] = miss
