@@ -132,6 +132,8 @@ async def handle(request: web.Request) -> web.StreamResponse:
             except UpstreamError as exc:
                 lease.release()
                 lease = None
+                if isinstance(body, _StreamedBody) and body.too_large:
+                    return error_response(413, f"request body exceeds the limit of {limit} bytes")
                 bal.outliers.failure(backend, exc.reason)
                 last_error = str(exc)
                 last_status = 504 if exc.reason == "timeout" else 502
@@ -340,6 +342,8 @@ class _StreamedBody:
         self.limit_bytes = limit_bytes
         self.seen_bytes = seen_bytes
         self.started = False
+        self.too_large = False
+        """Set when the client sent more than the limit: the attempt failed because of the client."""
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
@@ -351,6 +355,7 @@ class _StreamedBody:
         async for piece in self.request.content.iter_any():
             self.seen_bytes += len(piece)
             if self.seen_bytes > self.limit_bytes:
+                self.too_large = True
                 raise BodyTooLarge(f"request body exceeds {self.limit_bytes} bytes")
             yield piece
 

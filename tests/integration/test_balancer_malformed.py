@@ -7,9 +7,18 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import aiohttp
+from aiohttp import web
 
 from balancer import clock as clock_mod
-from tests.fakes.balancer_env import Running, balancer, completion_body, emulators, read_sse, wait_until
+from tests.fakes.balancer_env import (
+    Running,
+    balancer,
+    completion_body,
+    emulators,
+    read_sse,
+    scripted_backend,
+    wait_until,
+)
 
 
 async def _raw(lb: Running, request: bytes) -> bytes:
@@ -80,3 +89,32 @@ async def test_oversized_body_answer_is_json() -> None:
             async with http.post(f"{lb.url}/v1/completions", data=b"x" * 1000) as resp:
                 assert resp.status == 413
                 assert "exceeds the limit" in (await resp.json())["error"]["message"]
+
+
+async def test_large_bodies_stream_through_and_over_limit_chunked_uploads_get_413() -> None:
+    """Bodies larger than the retry buffer are streamed to the backend as they arrive, still under the limit."""
+    received: list[int] = []
+
+    async def count_body(request: web.Request) -> web.Response:
+        received.append(len(await request.read()))
+        return web.json_response({"ok": True})
+
+    runner, address = await scripted_backend(count_body)
+
+    async def chunks(total: int) -> AsyncIterator[bytes]:
+        for _ in range(total // 1000):
+            yield b"y" * 1000
+
+    try:
+        async with balancer([address], retry_buffer_bytes=2000, max_body_bytes=50_000) as lb:
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{lb.url}/upload", data=chunks(40_000)) as resp:
+                    assert resp.status == 200
+                async with http.post(f"{lb.url}/upload", data=chunks(80_000)) as resp:
+                    assert resp.status == 413
+                    assert "exceeds the limit" in (await resp.json())["error"]["message"]
+            assert received[0] == 40_000
+            assert lb.bal.pool.backends[address].failed == {}  # the client's fault, not the backend's
+            assert lb.active() == 0
+    finally:
+        await runner.cleanup()
