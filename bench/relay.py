@@ -102,9 +102,9 @@ def report(rows: dict[tuple[int, str], dict[str, Any]], args: argparse.Namespace
     lines = [
         f"Load: {args.backends} emulated backends (`ttft_s=0`, {args.seconds_per_token} s/token, no queueing); "
         f"closed loop, each client streams {args.tokens} tokens per request back to back on a keep-alive "
-        f"connection; warm-up {args.warmup_s} s, window {args.window_s} s, {args.rounds} round(s) (median of "
-        "rounds). One worker per proxy. Chunk = one SSE event. Added TTFB = proxy percentile − direct percentile "
-        "in the same round.",
+        f"connection; warm-up {args.warmup_s} s, window {args.window_s} s, {args.rounds} round(s), each round "
+        "measuring every proxy in turn; figures are medians over rounds. One worker per proxy. Chunk = one SSE "
+        "event. Added TTFB = proxy percentile − direct percentile (time to first event, measured at the client).",
         "",
         "| streams | proxy | chunks/s | proxy CPU-s / 1k chunks | proxy CPU % | TTFB p50 ms | TTFB p99 ms "
         "| added p50 ms | added p99 ms | failed | CPU vs NGINX lc | added p99 vs NGINX lc |",
