@@ -370,8 +370,9 @@ class Runner:
         c = self.cluster
         c.advance(t0)
         self.reconcile(t0, demand)
+        cut = 0
         if c.removed:
-            self.book.remove_pods([pid for pid, _ in c.removed])
+            cut = self.book.remove_pods([pid for pid, _ in c.removed])
             c.removed.clear()
         ids: list[int] = []
         coming: list[tuple[int, float]] = []
@@ -389,7 +390,7 @@ class Runner:
                 coming.append((p.id, r))
         self.ready_now = ready
         eligible = np.array(ids, dtype=np.int64)
-        return self.book.step(tick, eligible=eligible, slots=self.slots, coming=coming)
+        return cut + self.book.step(tick, eligible=eligible, slots=self.slots, coming=coming)
 
 
 class HpaRunner(Runner):
@@ -674,7 +675,7 @@ class SimResult:
     ready_streams: dict[str, IntArray]
     """Policy -> stream slots on Ready pods at each tick (oracles: per second)."""
     misses: dict[str, IntArray]
-    """Policy -> streams that missed the SLO (waited too long or were rejected) at each tick."""
+    """Policy -> streams that missed the SLO at each tick: waited too long, were rejected, or were cut."""
     billed_gpus: dict[str, IntArray]
     """Simulated policy -> GPUs on nodes requested and not released, at each tick."""
     forecast: FloatArray

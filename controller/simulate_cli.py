@@ -335,6 +335,8 @@ def plot(result: simulate.SimResult, out: Path) -> None:
         )
     ax2.set_ylabel("SLO misses / 10 min")
     ax2.set_yscale("symlog", linthresh=1)
+    most = max((int(m.max()) for m in result.misses.values() if m.size), default=0)
+    ax2.set_ylim(0, max(10.0, most * 40.0))  # bucket sums reach up to 40 ticks' worth
     ax2.legend(loc="upper left", fontsize=8, ncol=3)
     ax2.xaxis.set_major_formatter(mdates.DateFormatter("%a %H:%M", tz=dt.UTC))  # type: ignore[no-untyped-call]
     ax2.set_xlabel("time (UTC)")
