@@ -357,15 +357,19 @@ class Forestall(Proxy):
 
 
 class ReferenceRelay(Proxy):
-    """`bench._reference_relay`: a protocol-level Python relay, the floor for any Python proxy (not a balancer)."""
+    """`bench._reference_relay`: a protocol-level Python relay (the floor for a Python proxy), or with
+    `aiohttp=True` the barest aiohttp relay (what aiohttp's stream machinery costs). Neither is a balancer."""
 
-    label = "python protocol relay (reference)"
+    def __init__(self, backends: Sequence[Backend], *, aiohttp: bool = False) -> None:
+        super().__init__(backends)
+        self.aiohttp = aiohttp
+        self.label = "bare aiohttp relay (reference)" if aiohttp else "python protocol relay (reference)"
 
     def start(self) -> Proxy:
         self.port = free_port()
-        self._launch(
-            [PYTHON, "-m", "bench._reference_relay", str(self.port), *(b.address for b in self.backends)]
-        )
+        mode = ["--aiohttp"] if self.aiohttp else []
+        addresses = [b.address for b in self.backends]
+        self._launch([PYTHON, "-m", "bench._reference_relay", *mode, str(self.port), *addresses])
         return self
 
 

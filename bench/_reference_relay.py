@@ -6,9 +6,13 @@ to a pooled keep-alive backend connection, and every byte the backend sends is w
 transport from `data_received`, with no parsing but a look at the last bytes for the end of the chunked body.
 Backpressure: a client transport above its high-water mark pauses reading from the backend.
 
-`bench/relay.py --reference-relay` measures it in the same run as NGINX, HAProxy and Forestall, to show how
-much of Forestall's cost per chunk is Python itself and how much is the aiohttp client/server stream machinery
-(`ClientResponse.content.iter_any()` + `StreamResponse.write()`). It does no load balancing beyond round robin,
+With `--aiohttp` first it is instead the barest aiohttp relay: read the request, `ClientSession.request()` to the
+next backend, then `async for chunk in upstream.content.iter_any(): await resp.write(chunk)`, the same
+machinery Forestall's per-chunk path uses, without any of Forestall's bookkeeping.
+
+`bench/relay.py --reference-relay` measures both in the same run as NGINX, HAProxy and Forestall, to show how
+much of Forestall's cost per chunk is Python itself, how much is the aiohttp client/server stream machinery
+(`ClientResponse.content.iter_any()` + `StreamResponse.write()`), and how much is Forestall's own. It does no load balancing beyond round robin,
 no header rewriting, no failure handling and no chunked request bodies; never put it in front of anything.
 """
 
@@ -135,15 +139,59 @@ async def _serve(port: int, backends: list[tuple[str, int]]) -> None:
         await server.serve_forever()
 
 
+async def _serve_aiohttp(port: int, backends: list[tuple[str, int]]) -> None:
+    import aiohttp
+    from aiohttp import web
+
+    turn = itertools.cycle(backends)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=300)
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0), auto_decompress=False, timeout=timeout
+    ) as client:
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            body = await request.read()
+            host, backend_port = next(turn)
+            upstream = await client.request(
+                request.method,
+                f"http://{host}:{backend_port}{request.raw_path}",
+                data=body,
+                headers={"Content-Type": request.headers.get("Content-Type", "application/json")},
+            )
+            resp = web.StreamResponse(
+                status=upstream.status, headers={"Content-Type": upstream.headers.get("Content-Type", "")}
+            )
+            await resp.prepare(request)
+            async for chunk in upstream.content.iter_any():
+                await resp.write(chunk)
+            await resp.write_eof()
+            upstream.release()
+            return resp
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, backlog=4096).start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+
 def main() -> None:
-    port = int(sys.argv[1])
-    backends = [(a.rpartition(":")[0], int(a.rpartition(":")[2])) for a in sys.argv[2:]]
+    args = sys.argv[1:]
+    serve = _serve
+    if args and args[0] == "--aiohttp":
+        serve, args = _serve_aiohttp, args[1:]
+    port = int(args[0])
+    backends = [(a.rpartition(":")[0], int(a.rpartition(":")[2])) for a in args[1:]]
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_serve(port, backends))
+        asyncio.run(serve(port, backends))
     else:
-        uvloop.run(_serve(port, backends))
+        uvloop.run(serve(port, backends))
 
 
 if __name__ == "__main__":

@@ -36,8 +36,8 @@ import numpy as np
 from bench import _proxies, _record
 
 PROXIES = ("direct", "nginx least_conn", "nginx round robin", "haproxy leastconn", "forestall")
-REFERENCE_RELAY = "python protocol relay (reference)"
-"""Opt-in row (`--reference-relay`): `bench._reference_relay`, to separate Python's cost from aiohttp's."""
+REFERENCE_RELAYS = ("python protocol relay (reference)", "bare aiohttp relay (reference)")
+"""Opt-in rows (`--reference-relay`): `bench._reference_relay`, to separate Python's cost from aiohttp's."""
 REFERENCE = "nginx least_conn"
 """What the targets compare to."""
 
@@ -53,8 +53,8 @@ def make_proxy(name: str, backends: list[_proxies.Backend]) -> _proxies.Proxy:
         return _proxies.Haproxy(backends)
     if name == "forestall":
         return _proxies.Forestall(backends)
-    if name == REFERENCE_RELAY:
-        return _proxies.ReferenceRelay(backends)
+    if name in REFERENCE_RELAYS:
+        return _proxies.ReferenceRelay(backends, aiohttp=name == REFERENCE_RELAYS[1])
     raise ValueError(f"unknown proxy {name!r}; choose from {', '.join(PROXIES)}")
 
 
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--reference-relay",
         action="store_true",
-        help="also measure bench._reference_relay, a protocol-level Python relay (a floor, not a balancer)",
+        help="also measure bench._reference_relay: a protocol-level Python relay and a bare aiohttp relay",
     )
     parser.add_argument("--quick", action="store_true", help="short windows, for trying the harness")
     parser.add_argument("--no-record", action="store_true", help="print only; leave BENCHMARKS.md alone")
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup_s, args.window_s = 2.0, 4.0
     notes = list(args.note)
     if args.reference_relay:
-        args.proxies = [*args.proxies, REFERENCE_RELAY]
+        args.proxies = [*args.proxies, *REFERENCE_RELAYS]
     if "forestall" in args.proxies and not _proxies.forestall_available():
         notes.append("Forestall: `forestall balancer` was not available in this tree when this ran.")
         args.proxies = [p for p in args.proxies if p != "forestall"]
