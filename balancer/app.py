@@ -50,6 +50,8 @@ FILE_SOURCE: Final = web.AppKey("file_source", discovery.FileSource)
 
 HOTSPOT_PERIOD_S = 1.0
 """Hotspot scores are refreshed this often between /signals requests (durations are tracked to this step)."""
+IDLE_SWEEP_S = 1.0
+"""Open streams are checked for idleness this often (or twice per idle limit when that is shorter)."""
 RESTART_BACKOFF_S = (1.0, 30.0)
 """A crashed background task restarts after 1 s, doubling up to 30 s."""
 
@@ -181,6 +183,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     jobs: list[tuple[str, Callable[[], Awaitable[None]]]] = [
         ("hotspots", lambda: _every(bal, HOTSPOT_PERIOD_S, tracker.update)),
         ("sessions", lambda: _every(bal, min(60.0, bal.config.session_idle_timeout_s), bal.sessions.expire)),
+        (
+            "idle-streams",
+            lambda: _every(bal, min(IDLE_SWEEP_S, bal.config.idle_timeout_s / 2), bal.sweep_idle),
+        ),
     ]
     if FILE_SOURCE in app:
         jobs.append(("backends-file", app[FILE_SOURCE].watch))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from balancer import clock as clock_mod
 from balancer import picking
@@ -32,6 +33,20 @@ TTFB_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 
 TTFB_DECAY_S = 10.0
 """Peak-EWMA time constant: a slow first byte counts at once, and fades over ~10 s once backends recover."""
+
+
+class _Counted(Protocol):
+    @property
+    def total_bytes(self) -> int: ...
+
+
+class Relayed(Protocol):
+    """What a lease needs of a relayed response (aiohttp's ClientResponse fits)."""
+
+    @property
+    def content(self) -> _Counted: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass(eq=False)
@@ -113,13 +128,49 @@ class Backend:
 class Lease:
     """One stream's load on one backend, from pick to end of stream."""
 
-    __slots__ = ("_pool", "backend", "released", "started_s")
+    __slots__ = (
+        "_pool",
+        "backend",
+        "idle_timed_out",
+        "released",
+        "seen_bytes",
+        "seen_s",
+        "started_s",
+        "stream",
+    )
 
     def __init__(self, pool: Pool, backend: Backend, started_s: float) -> None:
         self._pool = pool
         self.backend = backend
         self.started_s = started_s
         self.released = False
+        self.stream: Relayed | None = None
+        """The backend response being relayed, once its first byte arrived (watched for idleness)."""
+        self.seen_bytes = 0
+        self.seen_s = started_s
+        self.idle_timed_out = False
+
+    def watch(self, stream: Relayed, now_s: float) -> None:
+        """Start idle tracking of the relayed response (after its first byte)."""
+        self.stream = stream
+        self.seen_bytes = stream.content.total_bytes
+        self.seen_s = now_s
+
+    def check_idle(self, now_s: float, *, limit_s: float) -> bool:
+        """Abort the stream if its byte count has not moved for `limit_s`; True when it did."""
+        stream = self.stream
+        if stream is None or self.released or self.idle_timed_out:
+            return False
+        total = stream.content.total_bytes
+        if total != self.seen_bytes:
+            self.seen_bytes = total
+            self.seen_s = now_s
+            return False
+        if now_s - self.seen_s < limit_s:
+            return False
+        self.idle_timed_out = True
+        stream.close()  # the relay's pending read fails and it ends the stream as a timeout
+        return True
 
     def release(self) -> None:
         """End the stream's load; idempotent."""

@@ -6,7 +6,8 @@ Flow of a request: validate what is cheap to validate (body size, MCP session) -
 retry on another backend within the retry budget -> relay the status and headers -> relay the body.
 
 The per-chunk path is `await resp.write(chunk)` inside `async for` and nothing else: no parsing, logging,
-counting or allocation of our own. Idle timeouts are the transport's (`sock_read`), relayed bytes are read from
+counting or allocation of our own. Idle timeouts are found by a once-a-second sweep over open streams
+(runtime.Balancer.sweep_idle, no timer re-armed per chunk), relayed bytes are read from
 the response stream's own total at the end, and failure inspection looks at the first and last chunk after the
 fact (health.response_error). Response bodies are never buffered; request bodies only up to the retry buffer.
 
@@ -241,7 +242,9 @@ async def _relay(
         remaining_s = bal.config.first_byte_timeout_s - (bal.clock.monotonic() - start_s)
         async with asyncio.timeout(max(remaining_s, 0.001)):
             first = await content.readany()
-        backend.observe_ttfb(bal.clock.monotonic() - start_s, bal.clock.monotonic())
+        now_s = bal.clock.monotonic()
+        backend.observe_ttfb(now_s - start_s, now_s)
+        lease.watch(upstream, now_s)
         if first:
             await resp.write(first)
             chunk = first
@@ -253,7 +256,8 @@ async def _relay(
         if _client_gone(request):
             backend.count_failure("client_gone")
         else:
-            bal.outliers.failure(backend, "timeout" if isinstance(exc, TimeoutError) else "midstream")
+            timed_out = isinstance(exc, TimeoutError) or lease.idle_timed_out
+            bal.outliers.failure(backend, "timeout" if timed_out else "midstream")
             await _end_broken(request, resp, content_type)
     finally:
         backend.relayed_bytes += content.total_bytes

@@ -50,9 +50,8 @@ class Balancer:
         self.backend_ssl: ssl.SSLContext | None = None
         self.scheme = "https" if config.backend_tls else "http"
         self.ws_scheme = "wss" if config.backend_tls else "ws"
-        self.client_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=config.connect_timeout_s, sock_read=config.idle_timeout_s
-        )
+        # No sock_read: aiohttp would re-arm a timer on every chunk; idle streams are found by `sweep_idle`.
+        self.client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.connect_timeout_s)
         self.pool.sync(config.backends, source="inline", initial=True)
 
     async def start(self) -> None:
@@ -71,6 +70,21 @@ class Balancer:
             timeout=self.client_timeout,
             trust_env=False,
         )
+
+    def sweep_idle(self) -> int:
+        """Abort streams whose backend sent nothing for `idle_timeout_s`; returns how many were aborted.
+
+        Each open stream's response byte counter is compared with the last sweep's, so the per-chunk path
+        carries no timer work; a stream is cut at most one sweep period after its idle limit.
+        """
+        now = self.clock.monotonic()
+        limit_s = self.config.idle_timeout_s
+        aborted = 0
+        for backend in list(self.pool.backends.values()):
+            for lease in list(backend.leases):
+                if lease.check_idle(now, limit_s=limit_s):
+                    aborted += 1
+        return aborted
 
     async def close(self) -> None:
         if self.client is not None:

@@ -210,3 +210,40 @@ async def _closed_port() -> str:
     runner, address = await start_app(web.Application())
     await runner.cleanup()
     return address
+
+
+async def test_idle_backend_mid_stream_is_cut_after_the_idle_timeout() -> None:
+    """After the first byte, a backend silent for idle_timeout_s is cut (found by the sweep, no per-chunk timer)."""
+    hang = asyncio.Event()
+
+    async def one_event_then_silence(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"token": 1}\n\n')
+        await hang.wait()
+        return resp
+
+    runner, address = await scripted_backend(one_event_then_silence)
+    fake = clock_mod.FakeClock()
+    try:
+        async with (
+            balancer([address], clock=fake, idle_timeout_s=30.0) as lb,
+            aiohttp.ClientSession() as http,
+        ):
+            async with http.post(f"{lb.url}/v1/completions", json=completion_body()) as resp:
+                assert (await resp.content.readline()).startswith(b"data:")
+                await wait_until(
+                    lambda: next(iter(lb.bal.pool.backends[address].leases)).stream is not None,
+                    what="watched",
+                )
+                fake.advance(29.0)
+                assert lb.bal.sweep_idle() == 0  # not idle long enough yet
+                fake.advance(1.5)
+                lb.bal.sweep_idle()
+                events = await read_sse(resp)
+            assert json.loads(events[-1])["error"]["type"] == "upstream_error"
+            assert lb.bal.pool.backends[address].failed == {"timeout": 1}
+            assert lb.active() == 0
+    finally:
+        hang.set()
+        await runner.cleanup()

@@ -102,3 +102,19 @@ async def test_client_disconnect_while_waiting_for_first_byte_releases_the_lease
 async def _signals(lb: object) -> dict[str, object]:
     async with aiohttp.ClientSession() as http:
         return await fetch_json(http, f"{lb.admin_url}/signals")  # type: ignore[attr-defined]
+
+
+async def test_header_affinity_keeps_a_key_on_one_backend() -> None:
+    async with (
+        emulators(FAST, FAST, FAST) as addrs,
+        balancer(addrs, affinity_header="X-User", session_epsilon=10.0) as lb,
+        aiohttp.ClientSession() as http,
+    ):
+        served: dict[str, set[str]] = {"alice": set(), "bob": set(), "carol": set(), "dave": set()}
+        for _ in range(4):
+            for user, backends in served.items():
+                body = completion_body(stream=False)
+                async with http.post(f"{lb.url}/v1/completions", json=body, headers={"X-User": user}) as resp:
+                    backends.add((await resp.json())["model"])
+        assert all(len(backends) == 1 for backends in served.values())
+        assert sum(b.completed for b in lb.bal.pool.backends.values()) == 16

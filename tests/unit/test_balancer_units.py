@@ -27,8 +27,8 @@ def test_config_errors_name_the_field_and_value(tmp_path: Path) -> None:
         config_mod.build(env={})
     with pytest.raises(ConfigError, match="FORESTALL_BALANCER_NOPE is not a balancer setting"):
         config_mod.build(env={"FORESTALL_BALANCER_NOPE": "1"})
-    with pytest.raises(ConfigError, match="first_byte_timeout_s"):
-        config_mod.build(env={}, overrides={"first_byte_timeout_s": 500, "kube_services": ["ns/svc"]})
+    with pytest.raises(ConfigError, match=r"base_ejection_s \(500.0\) must be <= max_ejection_s"):
+        config_mod.build(env={}, overrides={"base_ejection_s": 500, "kube_services": ["ns/svc"]})
     path = tmp_path / "backends.yaml"
     path.write_text("backends:\n  - {address: 10.0.0.1:80}\n  - {address: 10.0.0.1:80}\n")
     with pytest.raises(ConfigError, match="listed twice"):
