@@ -13,6 +13,8 @@ What this module does not do: serve the metrics (the CLI starts prometheus_clien
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from controller import cluster, decide, policy
@@ -107,6 +109,17 @@ class ControllerMetrics:
         self.reconcile_errors = Counter(
             "forestall_controller_reconcile_errors", "Reconciles that failed.", POLICY_LABELS, registry=r
         )
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        """Labelled children by (metric, labels): `labels()` costs more than the update itself, and
+        `observe_plan` runs a dozen of them per policy per cycle."""
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, cached."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def observe_plan(
         self,
@@ -120,28 +133,29 @@ class ControllerMetrics:
     ) -> None:
         """Set every per-policy gauge from one reconcile's plan and the state it was made on."""
         labels = (namespace, name)
+        c = self.child
         if plan.observed_demand is not None:
-            self.observed_demand.labels(*labels).set(plan.observed_demand)
+            c(self.observed_demand, *labels).set(plan.observed_demand)
         if plan.forecast is not None:
-            self.forecast.labels(*labels, f"{plan.forecast.quantile:g}").set(plan.forecast.value)
-        self.horizon.labels(*labels).set(horizon_s)
-        self.desired_replicas.labels(*labels).set(plan.desired_replicas)
-        self.current_replicas.labels(*labels).set(state.spec_replicas)
-        self.ready_replicas.labels(*labels).set(state.ready_replicas)
-        self.pending_gpus.labels(*labels).set(state.pending_gpus)
-        self.provisioned_gpus.labels(*labels).set(state.provisioned_gpus)
+            c(self.forecast, *labels, f"{plan.forecast.quantile:g}").set(plan.forecast.value)
+        c(self.horizon, *labels).set(horizon_s)
+        c(self.desired_replicas, *labels).set(plan.desired_replicas)
+        c(self.current_replicas, *labels).set(state.spec_replicas)
+        c(self.ready_replicas, *labels).set(state.ready_replicas)
+        c(self.pending_gpus, *labels).set(state.pending_gpus)
+        c(self.provisioned_gpus, *labels).set(state.provisioned_gpus)
         scheduled = sum(1 for p in state.pods if p.phase in ("starting", "ready"))
-        self.gpus_in_use.labels(*labels).set(scheduled * spec.capacity.gpus_per_replica)
+        c(self.gpus_in_use, *labels).set(scheduled * spec.capacity.gpus_per_replica)
         for stage, value in (
             ("node_provisioning", state.measured_node_provisioning_s),
             ("pod_start", state.measured_pod_start_s),
             ("model_load", state.measured_model_load_s),
         ):
             if value is not None:
-                self.lead_time.labels(*labels, stage).set(value)
+                c(self.lead_time, *labels, stage).set(value)
         for code in sorted({reason.code for reason in plan.reasons}):
-            self.decisions.labels(*labels, code).inc()
-        self.demand_data_available.labels(*labels).set(1 if plan.demand_data_available else 0)
+            c(self.decisions, *labels, code).inc()
+        c(self.demand_data_available, *labels).set(1 if plan.demand_data_available else 0)
 
     def forget(self, namespace: str, name: str) -> None:
         """Remove every series of a deleted policy."""
@@ -164,3 +178,4 @@ class ControllerMetrics:
             for sample_labels in list(metric._metrics):  # prometheus_client keeps label tuples here
                 if sample_labels[:2] == (namespace, name):
                     metric.remove(*sample_labels)
+        self._children = {k: v for k, v in self._children.items() if k[1][:2] != (namespace, name)}

@@ -142,6 +142,7 @@ class KubeCluster:
         self._pod_order: deque[str] = deque(maxlen=LEAD_TIME_SAMPLES)
         self._node_samples: dict[str, float] = {}
         self._node_order: deque[str] = deque(maxlen=LEAD_TIME_SAMPLES)
+        self._pod_states: dict[tuple[str, str], cluster.PodState] = {}
         self.update_policy(scaling_policy)
 
     def update_policy(self, scaling_policy: policy.ScalingPolicy) -> None:
@@ -170,7 +171,12 @@ class KubeCluster:
         target = self.target()
         gpus_per_replica = self.spec.capacity.gpus_per_replica
         raw_pods = self.pods(target)
-        pods = tuple(_pod_state(p) for p in raw_pods)
+        known, self._pod_states = self._pod_states, {}
+        for obj in raw_pods:  # parsed once per pod version: most pods do not change between cycles
+            meta = obj["metadata"]
+            key = (meta.get("uid", meta["name"]), meta.get("resourceVersion", ""))
+            self._pod_states[key] = known.get(key) or _pod_state(obj)
+        pods = tuple(self._pod_states.values())
         self._measure(pods, raw_pods)
         nodes = self.caches.gpu_nodes(self.spec.capacity.gpu_resource_name)
         self._measure_nodes(nodes)
