@@ -265,19 +265,23 @@ def table(results: list[dict[str, Any]], *, model: str, validate: bool) -> str:
             f"{mean(old, 'wall_s')} / {mean(old, 'cpu_s')} | {r['max_rss_mb']:.0f} | "
             f"{r['warmup_failed'] + sum(c['failed'] for c in cyc)} |"
         )
-    worst = max(
-        (max(c["wall_s"] for c in r["cycles"]) for r in results if r["policies"] >= 1000), default=None
-    )
-    verdict = (
-        f"Target 1,000 policies <= 5 s per cycle on one core: worst measured cycle {worst:.2f} s, "
-        + ("met." if worst <= 5.0 else "MISSED.")
-        if worst is not None
-        else "Target not measured (no 1,000-policy run)."
-    )
+    big = [r for r in results if r["policies"] >= 1000]
+    if big:
+        cpu_worst = max(c["cpu_s"] for r in big for c in r["cycles"])
+        wall_worst = max(c["wall_s"] for r in big for c in r["cycles"])
+        verdict = (
+            f"Target 1,000 policies <= 5 s per cycle on one core: worst cycle {cpu_worst:.2f} CPU s "
+            f"({'met' if cpu_worst <= 5.0 else 'MISSED'} on CPU time), {wall_worst:.2f} s wall "
+            f"({'met' if wall_worst <= 5.0 else 'MISSED'} on wall time; load average {os.getloadavg()[0]:.1f} "
+            f"on {os.cpu_count()} cores at the end of the run)."
+        )
+    else:
+        verdict = "Target not measured (no 1,000-policy run)."
     notes = (
         f"Forecast model `{model}`; fake API server validation {'on' if validate else 'off'} (separate process). "
         "Controller pinned to one CPU. The machine is shared with other engineers' runs right now, so wall "
-        "times carry their noise; CPU seconds are this process's own."
+        "times carry their noise (and the API server process competes for the same two cores); CPU seconds "
+        "are the controller process's own, all threads."
     )
     return "\n".join(lines) + "\n\n" + verdict + "\n\n" + notes
 
