@@ -8,6 +8,7 @@ shared with the API server, so creation and transition timestamps agree with wha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -458,3 +459,39 @@ async def test_a_failing_reconcile_costs_one_policy_not_the_controller(make_env:
     assert (result.reconciled, result.failed) == (2, 1)
     assert env.replicas("fine") == 4 and env.replicas("broken") == 1
     assert env.metric("forestall_controller_reconcile_errors_total", policy="broken") == 1
+
+
+async def test_an_overwritten_deletion_cost_is_reported_as_degraded(make_env: Any) -> None:
+    """Someone else (Karpenter's pod-deletion-cost management, say) rewrites the cost Forestall set once."""
+    env = await make_env()
+    pods = ready_pods(env, "chat", 2)
+
+    def mark_first(
+        spec: policy.ScalingPolicySpec, now: float, history: Any, signals: Any, state: cluster.ClusterState
+    ) -> decide.Plan:
+        plan = decide.decide(spec, now, history, signals, state)
+        return dataclasses.replace(plan, desired_replicas=state.spec_replicas, deletion_cost={pods[0]: -5})
+
+    env.controller.decide_fn = mark_first
+    env.api.put(kube_api.scaling_policy("chat", NS))
+    env.demand.level["chat"] = 15.0
+    await start(env)
+    await env.reconcile()
+    stored = env.api.get("", "pods", NS, pods[0])
+    assert stored is not None and stored["metadata"]["annotations"][cluster.DELETION_COST_ANNOTATION] == "-5"
+    assert env.condition("chat", "Degraded")["status"] == "False"
+
+    stored["metadata"]["annotations"][cluster.DELETION_COST_ANNOTATION] = "1000"
+    env.api.put(stored)
+    await env.settle()
+    await env.reconcile()
+
+    degraded = env.condition("chat", "Degraded")
+    assert (degraded["status"], degraded["reason"]) == ("True", "DeletionCostOverwritten")
+    assert pods[0] in degraded["message"]
+    [event] = env.events("DeletionCostOverwritten")
+    assert event["type"] == "Warning" and "now 1000" in event["note"]
+    stored = env.api.get("", "pods", NS, pods[0])
+    assert (
+        stored is not None and stored["metadata"]["annotations"][cluster.DELETION_COST_ANNOTATION] == "1000"
+    )
