@@ -47,8 +47,10 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Run as `python bench/reconcile.py`, the script's folder comes first on sys.path, where bench/forecast.py
+# would shadow the `forecast` package: the repository root goes first instead.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
 
 from balancer import clock as clock_mod  # noqa: E402
 
