@@ -148,8 +148,14 @@ def main(argv: list[str] | None = None) -> int:
             f"2 min model load, 16 streams per 1-GPU replica, 8-GPU nodes, SLO: start within 2 s; both traces "
             f"scaled to a busiest minute of {args.peak_streams:g} streams.\n\n" + "\n\n".join(parts)
         )
+        command = " ".join(
+            [".venv/bin/python -m bench.simulate", *(argv if argv is not None else sys.argv[1:])]
+        )
         _record.record(
-            "simulate", "forestall simulate: Forestall vs reactive autoscaling vs the oracles", body
+            "simulate",
+            "forestall simulate: Forestall vs reactive autoscaling vs the oracles",
+            body,
+            command=command,
         )
     return 0
 
