@@ -1,62 +1,39 @@
-"""An in-test Kubernetes API server: aiohttp on 127.0.0.1, the real REST paths, driven by the real client.
-
-Why a fake server and not mocks: the controller talks to Kubernetes only through the official `kubernetes`
-client, so the seam worth testing is the HTTP one. The client builds real URLs, query strings, patch content
-types and bodies; this server answers the way kube-apiserver does for the resources Forestall uses:
-
-- get / list / watch (`?watch=true`, newline-delimited events) with one monotonic `resourceVersion` per
-  server, replay from a given version, `410 Expired` for versions older than the kept history, and `BOOKMARK`
-  events when `allowWatchBookmarks=true` (after the initial events, periodically, and before closing);
-- create (409 AlreadyExists, `generateName`), update (PUT; 409 Conflict on a stale `metadata.resourceVersion`),
-  patch (`merge-patch+json`, `strategic-merge-patch+json` treated as a merge patch, which is exact for the
-  maps Forestall patches, and `json-patch+json`), delete;
-- the `status` subresource (CRDs, workloads) and the `scale` subresource of Deployments and StatefulSets
-  (autoscaling/v1 `Scale`), discovery documents (`/api`, `/apis`, `/apis/{group}/{version}`) so clients can
-  find which version of a group is served;
-- errors as real `Status` objects (404 NotFound, 409 Conflict/AlreadyExists, 422 Invalid, 410 Expired).
-
-Every object written is validated before it is stored: built-in kinds against the Kubernetes OpenAPI schemas
-shipped by `kubernetes-validate` (strict, `KUBE_VERSION`), the ScalingPolicy against the CRD generated from
-`controller.policy` and the cluster-autoscaler kinds (CapacityBuffer, ProvisioningRequest) against compact
-structural schemas written from their published CRDs, both through `tests.fakes.crd_schema` (defaults, unknown
-fields, CEL rules). An invalid body gets 422 Invalid with the causes, as kube-apiserver answers.
-
-Every resource request is recorded in `recorded_calls` (verb, group, version, resource, subresource,
-namespace, name), and `rbac_rules()` turns them into the `(apiGroup, resource[/subresource], verb)` set that a
-least-privilege Role must grant; `tests` of the manifests compare the two.
-
-It also plays the ReplicaSet controller and the kubelet on request (`run_workloads()`, `set_pod_state()`),
-deterministically, so tests decide when pods appear, become Ready and go away. Scale-down removes the pods
-with the lowest `controller.kubernetes.io/pod-deletion-cost` first, as the ReplicaSet controller does.
-
-What it does not do: authentication, admission webhooks, server-side apply, garbage collection, pagination
-(`limit` is ignored and everything is returned), or field selectors beyond simple `path=value` / `path!=value`.
-"""
+"""`FakeKubeApi`: the aiohttp server, its store, watches and discovery (see the package docstring)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import copy
-import functools
 import itertools
 import json
 import re
 import uuid
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
-import jsonschema
 from aiohttp import web
-from kubernetes_validate import utils as kv_utils
 
 from balancer import clock as clock_mod
-from controller import crd as crd_mod
 from tests.fakes import crd_schema
+from tests.fakes.kube_api.rest import (
+    REASONS,
+    ApiCall,
+    ApiError,
+    dataclass_replace,
+    json_body,
+    json_patch,
+    merge_patch,
+    mutable_meta,
+    plural_of,
+    pod_ready,
+    removal_rank,
+    scale_of,
+    selector_matcher,
+)
+from tests.fakes.kube_api.schemas import DNS_SUBDOMAIN, ResourceType, default_resources, validate_builtin
 
-KUBE_VERSION = "1.34"
-"""Kubernetes version whose schemas validate built-in kinds (kubernetes-validate, strict)."""
+Obj = dict[str, Any]
+
 
 BOOKMARK_INTERVAL_S = 1.0
 """Real seconds between BOOKMARK events on an idle watch; kube-apiserver sends one about every minute."""
@@ -65,256 +42,6 @@ HISTORY_LIMIT = 50_000
 """Watch events kept for replay; older resourceVersions answer 410 Expired (etcd compaction)."""
 
 Obj = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class ResourceType:
-    """One REST resource the server serves."""
-
-    group: str
-    versions: tuple[str, ...]
-    plural: str
-    kind: str
-    namespaced: bool = True
-    subresources: tuple[str, ...] = ()
-    crd_schema: Obj | None = None
-    """Structural schema for custom resources; built-in kinds validate with kubernetes-validate."""
-
-    @property
-    def storage_version(self) -> str:
-        return self.versions[-1]
-
-    def api_version(self, version: str | None = None) -> str:
-        version = version or self.storage_version
-        return f"{self.group}/{version}" if self.group else version
-
-
-@dataclass(frozen=True)
-class ApiCall:
-    """One resource request, as RBAC sees it."""
-
-    verb: str
-    group: str
-    version: str
-    resource: str
-    subresource: str | None
-    namespace: str | None
-    name: str | None
-    status: int = 0
-
-
-class ApiError(Exception):
-    """An error answered as a Kubernetes `Status` object."""
-
-    def __init__(self, code: int, reason: str, message: str, *, details: Obj | None = None) -> None:
-        super().__init__(message)
-        self.code, self.reason, self.message, self.details = code, reason, message, details or {}
-
-    def status(self) -> Obj:
-        return {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": self.message,
-            "reason": self.reason,
-            "details": self.details,
-            "code": self.code,
-        }
-
-
-# --- schemas of the cluster-autoscaler kinds (written from the published CRDs, structural) ----------------
-
-_CONDITIONS = {
-    "type": "array",
-    "items": {
-        "type": "object",
-        "required": ["lastTransitionTime", "message", "reason", "status", "type"],
-        "properties": {
-            "lastTransitionTime": {"type": "string", "format": "date-time"},
-            "message": {"type": "string", "maxLength": 32768},
-            "observedGeneration": {"type": "integer", "minimum": 0},
-            "reason": {"type": "string", "minLength": 1, "maxLength": 1024},
-            "status": {"type": "string", "enum": ["True", "False", "Unknown"]},
-            "type": {"type": "string", "maxLength": 316},
-        },
-    },
-}
-_NAME_REF = {
-    "type": "object",
-    "required": ["name"],
-    "properties": {"name": {"type": "string", "minLength": 1}},
-}
-_TOP = {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"}}
-
-CAPACITY_BUFFER_SCHEMA: Obj = {
-    "type": "object",
-    "required": ["spec"],
-    "properties": {
-        **_TOP,
-        "spec": {
-            "type": "object",
-            "properties": {
-                "limits": {"type": "object", "additionalProperties": {"type": ["integer", "string"]}},
-                "percentage": {"type": "integer", "minimum": 0},
-                "podTemplateRef": _NAME_REF,
-                "provisioningStrategy": {"type": "string", "default": "buffer.x-k8s.io/active-capacity"},
-                "replicas": {"type": "integer", "minimum": 0},
-                "scalableRef": {
-                    "type": "object",
-                    "required": ["kind", "name"],
-                    "properties": {
-                        "apiGroup": {"type": "string"},
-                        "kind": {"type": "string", "minLength": 1},
-                        "name": {"type": "string", "minLength": 1},
-                    },
-                },
-            },
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.podTemplateRef) || has(self.replicas) || has(self.limits)",
-                    "message": "If podTemplateRef is set, replicas or limits must also be set",
-                },
-                {
-                    "rule": "!(has(self.podTemplateRef) && has(self.scalableRef))",
-                    "message": "podTemplateRef and scalableRef are mutually exclusive",
-                },
-            ],
-        },
-        "status": {
-            "type": "object",
-            "properties": {
-                "conditions": _CONDITIONS,
-                "podTemplateRef": _NAME_REF,
-                "provisioningStrategy": {"type": "string"},
-                "replicas": {"type": "integer"},
-            },
-        },
-    },
-}
-
-_DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-PROVISIONING_REQUEST_SCHEMA: Obj = {
-    "type": "object",
-    "required": ["spec"],
-    "properties": {
-        **_TOP,
-        "spec": {
-            "type": "object",
-            "required": ["podSets", "provisioningClassName"],
-            "properties": {
-                "parameters": {
-                    "type": "object",
-                    "maxProperties": 100,
-                    "additionalProperties": {"type": "string", "maxLength": 255},
-                },
-                "podSets": {
-                    "type": "array",
-                    "minItems": 1,
-                    "maxItems": 32,
-                    "items": {
-                        "type": "object",
-                        "required": ["count", "podTemplateRef"],
-                        "properties": {
-                            "count": {"type": "integer", "minimum": 1},
-                            "podTemplateRef": {
-                                "type": "object",
-                                "required": ["name"],
-                                "properties": {
-                                    "name": {"type": "string", "maxLength": 253, "pattern": _DNS_SUBDOMAIN}
-                                },
-                            },
-                        },
-                    },
-                },
-                "provisioningClassName": {"type": "string", "maxLength": 253, "pattern": _DNS_SUBDOMAIN},
-            },
-        },
-        "status": {
-            "type": "object",
-            "properties": {
-                "conditions": _CONDITIONS,
-                "provisioningClassDetails": {"type": "object", "additionalProperties": {"type": "string"}},
-            },
-        },
-    },
-}
-"""The spec is immutable (`self == oldSelf` in the real CRD): the server refuses spec changes on update."""
-
-_NODEPOOL_SCHEMA: Obj = {
-    "type": "object",
-    "properties": {**_TOP, "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}},
-}
-
-
-def default_resources(*, capacity_buffer_versions: Iterable[str] = ("v1beta1",)) -> list[ResourceType]:
-    """Every resource the controller and balancer use. CapacityBuffer is served at the versions given."""
-    policy_schema = crd_schema.crd_schema(crd_mod.definition())
-    return [
-        ResourceType("", ("v1",), "pods", "Pod", subresources=("status",)),
-        ResourceType("", ("v1",), "nodes", "Node", namespaced=False, subresources=("status",)),
-        ResourceType("", ("v1",), "events", "Event"),
-        ResourceType("", ("v1",), "podtemplates", "PodTemplate"),
-        ResourceType("", ("v1",), "services", "Service", subresources=("status",)),
-        ResourceType("", ("v1",), "namespaces", "Namespace", namespaced=False),
-        ResourceType("apps", ("v1",), "deployments", "Deployment", subresources=("status", "scale")),
-        ResourceType("apps", ("v1",), "statefulsets", "StatefulSet", subresources=("status", "scale")),
-        ResourceType("coordination.k8s.io", ("v1",), "leases", "Lease"),
-        ResourceType("events.k8s.io", ("v1",), "events", "Event"),
-        ResourceType("discovery.k8s.io", ("v1",), "endpointslices", "EndpointSlice"),
-        ResourceType("scheduling.k8s.io", ("v1",), "priorityclasses", "PriorityClass", namespaced=False),
-        ResourceType(
-            "forestall.dev",
-            ("v1alpha1",),
-            "scalingpolicies",
-            "ScalingPolicy",
-            subresources=("status",),
-            crd_schema=policy_schema,
-        ),
-        ResourceType(
-            "autoscaling.x-k8s.io",
-            tuple(capacity_buffer_versions),
-            "capacitybuffers",
-            "CapacityBuffer",
-            subresources=("status",),
-            crd_schema=CAPACITY_BUFFER_SCHEMA,
-        ),
-        ResourceType(
-            "autoscaling.x-k8s.io",
-            ("v1",),
-            "provisioningrequests",
-            "ProvisioningRequest",
-            subresources=("status",),
-            crd_schema=PROVISIONING_REQUEST_SCHEMA,
-        ),
-        ResourceType("karpenter.sh", ("v1",), "nodepools", "NodePool", False, ("status",), _NODEPOOL_SCHEMA),
-        ResourceType(
-            "karpenter.sh", ("v1",), "nodeclaims", "NodeClaim", False, ("status",), _NODEPOOL_SCHEMA
-        ),
-    ]
-
-
-@functools.cache
-def _builtin_validator(api_version: str, kind: str) -> jsonschema.protocols.Validator:
-    """The strict kubernetes-validate schema for a kind, loaded once (the library reloads it on every call)."""
-    from referencing import Registry, Resource
-
-    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)
-    version = [v for v in kv_utils.all_versions() if kv_utils.major_minor(v) <= KUBE_VERSION][-1]
-    folder = f"kubernetes-json-schema/v{version}-local-strict"
-    schema = kv_utils.schema_contents(f"{folder}/{kind.lower()}-{group_version}.json", KUBE_VERSION)
-    defs = kv_utils.schema_contents(f"{folder}/_definitions.json", KUBE_VERSION)
-    registry: Registry[Any] = Resource.from_contents(defs) @ (Resource.from_contents(schema) @ Registry())
-    return jsonschema.validators.Draft202012Validator(schema, registry=registry)
-
-
-def validate_builtin(obj: Obj) -> list[str]:
-    """Problems kubernetes-validate (strict) finds in a built-in object; empty when valid."""
-    validator = _builtin_validator(obj.get("apiVersion", ""), obj.get("kind", ""))
-    return [
-        f"{'.'.join(str(p) for p in err.absolute_path)}: {err.message}"
-        for err in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path))
-    ]
 
 
 class FakeKubeApi:
@@ -512,7 +239,7 @@ class FakeKubeApi:
             and "deletionTimestamp" not in p["metadata"]
         ]
         if len(pods) > want:
-            for pod in sorted(pods, key=_removal_rank)[: len(pods) - want]:
+            for pod in sorted(pods, key=removal_rank)[: len(pods) - want]:
                 self.delete("", "pods", ns, pod["metadata"]["name"])
         template = owner["spec"]["template"]
         taken = {p["metadata"]["name"] for p in pods}
@@ -546,10 +273,10 @@ class FakeKubeApi:
                 "status": {"phase": "Pending", "conditions": []},
             }
             pods.append(self.put(pod))
-        ready = sum(1 for p in pods if _pod_ready(p))
+        ready = sum(1 for p in pods if pod_ready(p))
         status = {"replicas": len(pods), "readyReplicas": ready, "availableReplicas": ready}
         if owner.get("status") != status:
-            fresh = self.get("apps", _plural(owner["kind"]), ns, name)
+            fresh = self.get("apps", plural_of(owner["kind"]), ns, name)
             if fresh is not None:
                 fresh["status"] = status
                 self.put(fresh)
@@ -638,7 +365,7 @@ class FakeKubeApi:
         if verb == "create":
             if name is not None:
                 raise ApiError(405, "MethodNotAllowed", "POST to a named object is not allowed")
-            body = await _json_body(request)
+            body = await json_body(request)
             self._check_kind(rt, version, body)
             if rt.namespaced:
                 body.setdefault("metadata", {})["namespace"] = ns
@@ -654,23 +381,23 @@ class FakeKubeApi:
                 details={"name": name, "group": rt.group, "kind": rt.plural},
             )
         if verb == "get":
-            out = _scale_of(current) if sub == "scale" else self._at_version(current, rt, version)
+            out = scale_of(current) if sub == "scale" else self._at_version(current, rt, version)
             return web.json_response(out)
         if verb == "delete":
             self.delete(rt.group, rt.plural, ns, name)
             return web.json_response(self._at_version(current, rt, version))
-        body = await _json_body(request) if verb == "update" else None
+        body = await json_body(request) if verb == "update" else None
         if verb == "patch":
             ctype = request.content_type
             patch = json.loads(await request.text() or "null")
-            base = _scale_of(current) if sub == "scale" else copy.deepcopy(current)
+            base = scale_of(current) if sub == "scale" else copy.deepcopy(current)
             if ctype == "application/json-patch+json":
-                body = _json_patch(base, patch, request.path)
+                body = json_patch(base, patch, request.path)
             elif ctype in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
                 if not isinstance(patch, dict):
                     raise ApiError(400, "BadRequest", "a merge patch must be a JSON object")
                 # A resourceVersion in the patch is a precondition, as in kube-apiserver.
-                body = _merge_patch(base, patch)
+                body = merge_patch(base, patch)
                 if "resourceVersion" not in patch.get("metadata", {}):
                     body.setdefault("metadata", {})["resourceVersion"] = current["metadata"][
                         "resourceVersion"
@@ -696,10 +423,10 @@ class FakeKubeApi:
             new = copy.deepcopy(current)
             new["spec"]["replicas"] = int(body.get("spec", {}).get("replicas", 0))
             stored = self._replace(rt, current, new, path=request.path)
-            return web.json_response(_scale_of(stored))
+            return web.json_response(scale_of(stored))
         self._check_kind(rt, version, body)
         new = copy.deepcopy(body)
-        new["metadata"] = {**current["metadata"], **_mutable_meta(body.get("metadata", {}))}
+        new["metadata"] = {**current["metadata"], **mutable_meta(body.get("metadata", {}))}
         if sub == "status":
             new = {**copy.deepcopy(current), "status": body.get("status")}
             new["metadata"] = current["metadata"]
@@ -720,7 +447,7 @@ class FakeKubeApi:
                 message = f"injected {status}"
                 if status == 409:
                     message = "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again"
-                raise ApiError(status, _REASONS.get(status, "InternalError"), message)
+                raise ApiError(status, REASONS.get(status, "InternalError"), message)
 
     # --- storage ------------------------------------------------------------------------------------------
 
@@ -788,7 +515,7 @@ class FakeKubeApi:
         if self._skip_validation:
             return obj
         name = obj.get("metadata", {}).get("name", "")
-        if rt is not None and name and (not re.match(_DNS_SUBDOMAIN, name) or len(name) > 253):
+        if rt is not None and name and (not re.match(DNS_SUBDOMAIN, name) or len(name) > 253):
             problems.append(f"metadata.name: Invalid value: {name!r}: must be a lowercase RFC 1123 subdomain")
         if rt is not None and rt.crd_schema is not None:
             obj = crd_schema.apply_defaults(rt.crd_schema, copy.deepcopy(obj))
@@ -834,7 +561,7 @@ class FakeKubeApi:
     def _select(
         self, rt: ResourceType, namespace: str | None, labels: str | None, fields: str | None
     ) -> list[Obj]:
-        match = _selector(labels, fields)
+        match = selector_matcher(labels, fields)
         return [
             o
             for (ns, _), o in sorted(self.store.get((rt.group, rt.plural), {}).items())
@@ -855,7 +582,7 @@ class FakeKubeApi:
         self, request: web.Request, rt: ResourceType, version: str, namespace: str | None
     ) -> web.StreamResponse:
         query = request.query
-        match = _selector(query.get("labelSelector"), query.get("fieldSelector"))
+        match = selector_matcher(query.get("labelSelector"), query.get("fieldSelector"))
         bookmarks = query.get("allowWatchBookmarks") in ("true", "1")
         timeout_s = float(query.get("timeoutSeconds", 1800))
         since = query.get("resourceVersion", "")
@@ -999,285 +726,3 @@ class FakeKubeApi:
             "groupVersion": f"{group}/{version}" if group else version,
             "resources": resources,
         }
-
-
-# --- helpers ---------------------------------------------------------------------------------------------
-
-_REASONS = {
-    409: "Conflict",
-    404: "NotFound",
-    410: "Expired",
-    422: "Invalid",
-    429: "TooManyRequests",
-    500: "InternalError",
-    503: "ServiceUnavailable",
-    504: "Timeout",
-}
-
-
-def dataclass_replace(call: ApiCall, **changes: Any) -> ApiCall:
-    import dataclasses
-
-    return dataclasses.replace(call, **changes)
-
-
-def _plural(kind: str) -> str:
-    return {"Deployment": "deployments", "StatefulSet": "statefulsets"}[kind]
-
-
-async def _json_body(request: web.Request) -> Obj:
-    try:
-        body = json.loads(await request.text())
-    except json.JSONDecodeError as exc:
-        raise ApiError(400, "BadRequest", f"the body is not JSON: {exc}") from exc
-    if not isinstance(body, dict):
-        raise ApiError(400, "BadRequest", "the body must be a JSON object")
-    return body
-
-
-def _mutable_meta(meta: Obj) -> Obj:
-    """Metadata fields a client may change with update/patch (the server owns uid, creation time...)."""
-    keep = ("labels", "annotations", "ownerReferences", "finalizers", "resourceVersion")
-    return {k: v for k, v in meta.items() if k in keep}
-
-
-def _merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch (null removes a key)."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    out = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            out.pop(key, None)
-        else:
-            out[key] = _merge_patch(out.get(key), value)
-    return out
-
-
-def _json_patch(doc: Obj, ops: Any, path: str) -> Obj:
-    """RFC 6902 JSON patch: add, remove, replace, test."""
-    if not isinstance(ops, list):
-        raise ApiError(400, "BadRequest", "a JSON patch must be a list of operations")
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        tokens = [t.replace("~1", "/").replace("~0", "~") for t in op["path"].split("/")[1:]]
-        parent: Any = doc
-        for token in tokens[:-1]:
-            parent = parent[int(token)] if isinstance(parent, list) else parent.setdefault(token, {})
-        last = tokens[-1]
-        kind = op["op"]
-        if kind == "test":
-            current = parent[int(last)] if isinstance(parent, list) else parent.get(last)
-            if current != op.get("value"):
-                raise ApiError(422, "Invalid", f"the test operation on {op['path']} failed")
-        elif kind == "remove":
-            if isinstance(parent, list):
-                del parent[int(last)]
-            elif last in parent:
-                del parent[last]
-            else:
-                raise ApiError(422, "Invalid", f"remove: {op['path']} does not exist")
-        elif kind in ("add", "replace"):
-            if isinstance(parent, list):
-                parent.insert(len(parent) if last == "-" else int(last), op["value"])
-            else:
-                parent[last] = op["value"]
-        else:
-            raise ApiError(400, "BadRequest", f"unsupported JSON patch operation {kind!r}")
-    return doc
-
-
-def _scale_of(obj: Obj) -> Obj:
-    labels = obj["spec"].get("selector", {}).get("matchLabels", {})
-    return {
-        "apiVersion": "autoscaling/v1",
-        "kind": "Scale",
-        "metadata": {
-            "name": obj["metadata"]["name"],
-            "namespace": obj["metadata"]["namespace"],
-            "uid": obj["metadata"]["uid"],
-            "resourceVersion": obj["metadata"]["resourceVersion"],
-            "creationTimestamp": obj["metadata"]["creationTimestamp"],
-        },
-        "spec": {"replicas": int(obj["spec"].get("replicas", 1))},
-        "status": {
-            "replicas": int(obj.get("status", {}).get("replicas", 0)),
-            "selector": ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
-        },
-    }
-
-
-def _pod_ready(pod: Obj) -> bool:
-    return any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in pod.get("status", {}).get("conditions", [])
-    )
-
-
-def _removal_rank(pod: Obj) -> tuple[int, int, int, str]:
-    """ReplicaSet scale-down order: unscheduled, then not ready, then lowest pod-deletion-cost, then newest."""
-    cost = int(pod["metadata"].get("annotations", {}).get("controller.kubernetes.io/pod-deletion-cost", "0"))
-    created = pod["metadata"].get("creationTimestamp", "")
-    newest_first = "".join(chr(0x10FFFF - ord(c)) for c in created)
-    return (1 if pod["spec"].get("nodeName") else 0, 1 if _pod_ready(pod) else 0, cost, newest_first)
-
-
-def _selector(labels: str | None, fields: str | None) -> Callable[[Obj], bool]:
-    tests: list[Callable[[Obj], bool]] = []
-    for term in _split_terms(labels or ""):
-        tests.append(_label_term(term))
-    for term in [t for t in (fields or "").split(",") if t]:
-        negate = "!=" in term
-        path, value = re.split(r"!=|==|=", term, maxsplit=1)
-
-        def field_test(obj: Obj, path: str = path, value: str = value, negate: bool = negate) -> bool:
-            cur: Any = obj
-            for key in path.split("."):
-                cur = cur.get(key) if isinstance(cur, dict) else None
-            return (str(cur if cur is not None else "") == value) != negate
-
-        tests.append(field_test)
-    return lambda obj: all(t(obj) for t in tests)
-
-
-def _split_terms(selector: str) -> list[str]:
-    terms, depth, cur = [], 0, ""
-    for ch in selector:
-        if ch == "," and depth == 0:
-            terms.append(cur.strip())
-            cur = ""
-            continue
-        depth += {"(": 1, ")": -1}.get(ch, 0)
-        cur += ch
-    if cur.strip():
-        terms.append(cur.strip())
-    return terms
-
-
-def _label_term(term: str) -> Callable[[Obj], bool]:
-    def labels(obj: Obj) -> dict[str, str]:
-        return obj.get("metadata", {}).get("labels") or {}
-
-    if m := re.fullmatch(r"([^\s!=]+)\s+(in|notin)\s+\((.*)\)", term):
-        key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",")}
-        return lambda o: (labels(o).get(key) in values) == (op == "in")
-    if m := re.fullmatch(r"([^\s!=]+)\s*(==|=|!=)\s*(\S*)", term):
-        key, op, value = m.groups()
-        return lambda o: (labels(o).get(key) == value) != (op == "!=")
-    if term.startswith("!"):
-        return lambda o: term[1:] not in labels(o)
-    return lambda o: term in labels(o)
-
-
-async def eventually(check: Callable[[], bool], what: str, *, timeout_s: float = 10.0) -> None:
-    """Wait until a condition fed by another thread (a watch, the controller) holds; fail naming `what`.
-
-    This waits for an outcome, it does not race one: the condition is checked at every turn of the event
-    loop, and the timeout only bounds a test that would otherwise hang.
-    """
-    steps = int(timeout_s / 0.01)
-    for _ in range(steps):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-
-
-async def advance_until(
-    clock: clock_mod.FakeClock, check: Callable[[], bool], what: str, *, step_s: float, max_steps: int = 100
-) -> None:
-    """Move a FakeClock in steps until `check` holds: for sleepers that may register after a given advance.
-
-    After each step the event loop gets up to half a second of real time to react before the next step, so
-    fake time never runs ahead by more than one step of what the code under test has seen.
-    """
-    for _ in range(max_steps):
-        if check():
-            return
-        clock.advance(step_s)
-        for _ in range(50):
-            if check():
-                return
-            await asyncio.sleep(0.01)
-    raise AssertionError(f"{what}: not reached after {max_steps} steps of {step_s:g} s")
-
-
-# --- object builders for tests ------------------------------------------------------------------------------
-
-
-def deployment(
-    name: str, namespace: str = "llm", *, replicas: int = 2, gpus: int = 1, kind: str = "Deployment"
-) -> Obj:
-    """A GPU worker Deployment (or StatefulSet) whose pods carry `app=<name>`."""
-    spec: Obj = {
-        "replicas": replicas,
-        "selector": {"matchLabels": {"app": name}},
-        "template": {
-            "metadata": {"labels": {"app": name}},
-            "spec": {
-                "nodeSelector": {"nvidia.com/gpu.present": "true"},
-                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-                "containers": [
-                    {
-                        "name": "vllm",
-                        "image": "vllm/vllm-openai:v0.6.0",
-                        "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
-                    }
-                ],
-            },
-        },
-    }
-    if kind == "StatefulSet":
-        spec["serviceName"] = name
-    return {
-        "apiVersion": "apps/v1",
-        "kind": kind,
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": spec,
-    }
-
-
-def scaling_policy(name: str, namespace: str = "llm", *, target: str | None = None, **spec: Any) -> Obj:
-    """A valid ScalingPolicy for Deployment `target` (default: the policy's name); `spec` overrides fields."""
-    body: Obj = {
-        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target or name},
-        "demand": {
-            "prometheus": {"query": f'sum(forestall_balancer_active_streams{{namespace="{namespace}"}})'}
-        },
-        "capacity": {"streamsPerReplica": 10, "gpusPerReplica": 1, "gpusPerNode": 8},
-        "replicas": {"min": 1, "max": 20},
-    }
-    body.update(spec)
-    return {
-        "apiVersion": "forestall.dev/v1alpha1",
-        "kind": "ScalingPolicy",
-        "metadata": {"name": name, "namespace": namespace},
-        "spec": body,
-    }
-
-
-def gpu_node(
-    name: str, *, gpus: int = 8, ready: bool = True, created: str | None = None, ready_at: str | None = None
-) -> Obj:
-    """A GPU node offering `gpus` of nvidia.com/gpu."""
-    conditions = [
-        {
-            "type": "Ready",
-            "status": "True" if ready else "False",
-            "lastTransitionTime": ready_at or created or "2026-01-01T00:00:00Z",
-        }
-    ]
-    return {
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {
-            "name": name,
-            "labels": {"nvidia.com/gpu.present": "true"},
-            **({"creationTimestamp": created} if created else {}),
-        },
-        "status": {
-            "capacity": {"nvidia.com/gpu": str(gpus), "cpu": "96", "memory": "1Ti"},
-            "allocatable": {"nvidia.com/gpu": str(gpus), "cpu": "95", "memory": "1000Gi"},
-            "conditions": conditions,
-        },
-    }
