@@ -8,9 +8,12 @@ under (streams short), mean excess (over-provisioning), and the MAE of the centr
 `max(path)`, which is how they would be used without this package.
 
 To stay fast the Forecaster is refitted once per block of `refit_every_s` (a day by default, longer when
-that would mean more than `MAX_REFITS` refits) on the data before the block, and its fitted models are then run over all the block's origins at once; the models
-only read `y[:origin]`, so nothing from the future leaks in. In production the Forecaster refits hourly,
-so these figures are, if anything, slightly pessimistic.
+that would mean more than `MAX_REFITS` refits) on the data before the block, and its fitted models are then
+run over all the block's origins at once; within a block the conformal calibration is redone every
+`recalibrate_every_s` (a day) on the origins just before. The models only read `y[:origin]` and the
+calibration only origins whose actuals precede the forecast origin, so nothing from the future leaks in.
+In production the Forecaster refits and recalibrates hourly, so these figures are, if anything, slightly
+pessimistic.
 
 It does not plot or print: `forecast.cli` does that.
 """
@@ -106,6 +109,7 @@ def backtest(
     max_origins: int | None = None,
     global_model: object | None = None,
     max_refits: int = MAX_REFITS,
+    recalibrate_every_s: float = models.DAY_S,
 ) -> BacktestReport:
     """Rolling-origin evaluation over the part of the series after `train_fraction` of it.
 
@@ -163,13 +167,36 @@ def backtest(
         else:
             # The Forecaster trimmed its history; models index absolute positions, so shift the origins.
             offset = first - f.y_.size
-            c = np.mean(
-                [m.predict(y[offset:], blk - offset, horizon_steps, pos0=f.pos0_) for m in hf.components],
-                axis=0,
-            )
-            _, peaks = hf.calib.quantiles_batch(c, (quantile,))
-            center[b0:b1] = c
-            pred_peak[b0:b1] = peaks[quantile]
+            yy = y[offset:]
+
+            # Production refits hourly; between (costly) refits the backtest at least recalibrates daily
+            # with the block's models on the origins before each day, so the band is not days stale.
+            calib = hf.calib
+            cal_len = max(round(f.calibration_s / step_s), 3 * horizon_steps + calibration.MIN_ORIGINS)
+            day = max(1, round(recalibrate_every_s / step_s))
+            s0 = 0
+            while s0 < blk.size:
+                s1 = int(np.searchsorted(blk, int(blk[s0]) + day))
+                e0 = int(blk[s0])
+                if s0 > 0:
+                    cal_ends = np.arange(
+                        max(offset + 1, e0 - cal_len), e0 - horizon_steps + 1, dtype=np.int64
+                    )
+                    if cal_ends.size > f.max_origins:
+                        idx = np.linspace(0, cal_ends.size - 1, f.max_origins).round().astype(np.int64)
+                        cal_ends = cal_ends[idx]
+                    acts = y[cal_ends[:, None] + np.arange(horizon_steps)[None, :]]
+                    ok = ~np.all(np.isnan(acts), axis=1)
+                    if ok.sum() >= calibration.MIN_ORIGINS:
+                        calib = calibration.Calibration.fit(
+                            _centers(hf.components, yy, cal_ends[ok] - offset, horizon_steps, f.pos0_),
+                            acts[ok],
+                        )
+                c = _centers(hf.components, yy, blk[s0:s1] - offset, horizon_steps, f.pos0_)
+                _, peaks = calib.quantiles_batch(c, (quantile,))
+                center[b0 + s0 : b0 + s1] = c
+                pred_peak[b0 + s0 : b0 + s1] = peaks[quantile]
+                s0 = s1
         b0 = b1
     main = score(model, pred_peak, actual_peak, center, actual, quantile)
     base: list[Metrics] = []
@@ -190,6 +217,13 @@ def backtest(
         predicted_peak=pred_peak,
         actual_peak=actual_peak,
     )
+
+
+def _centers(
+    comps: list[models.Model], y: FloatArray, ends: npt.NDArray[np.int64], horizon: int, pos0: int
+) -> FloatArray:
+    out: FloatArray = np.mean([m.predict(y, ends, horizon, pos0=pos0) for m in comps], axis=0)
+    return out
 
 
 def parse_duration_s(text: str) -> float:

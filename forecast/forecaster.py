@@ -299,15 +299,18 @@ class Forecaster:
             return _HorizonFit("recent_max_fallback", [], None, {})
         scores = {name: self._selection_loss(c, actuals) for name, c in centers.items()}
         ranked = sorted(scores, key=scores.__getitem__)
-        choice = [ranked[0]]
-        if self.model == "auto" and len(ranked) >= 2:
-            blend = (centers[ranked[0]] + centers[ranked[1]]) / 2
-            b_name = f"blend({ranked[0]},{ranked[1]})"
-            scores[b_name] = self._selection_loss(blend, actuals)
-            if scores[b_name] < scores[ranked[0]]:
-                choice = ranked[:2]
-                centers[b_name] = blend
-        name = choice[0] if len(choice) == 1 else f"blend({choice[0]},{choice[1]})"
+        choice, best = [ranked[0]], scores[ranked[0]]
+        if self.model == "auto":
+            # Equal-weight blends of the best two and three: combinations beat single picks on noisy ranks.
+            for k in (2, 3):
+                if len(ranked) < k:
+                    break
+                b_name = f"blend({','.join(ranked[:k])})"
+                centers[b_name] = np.mean([centers[r] for r in ranked[:k]], axis=0)
+                scores[b_name] = self._selection_loss(centers[b_name], actuals)
+                if scores[b_name] < best:
+                    choice, best = ranked[:k], scores[b_name]
+        name = name_of(choice)
         calib = calibration.Calibration.fit(centers[name], actuals)
         comps = [fitted[c] for c in choice]
         # Refit the chosen models on the whole history for live forecasts (the profile sees the last days);
@@ -349,6 +352,11 @@ class Forecaster:
             raise ValueError(f"selection must be 'peak' or 'path', got {self.selection!r}")
         if self.refit_every_s <= 0 or self.history_s <= 0 or self.calibration_s <= 0 or self.max_origins < 1:
             raise ValueError("refit_every_s, history_s, calibration_s and max_origins must be positive")
+
+
+def name_of(choice: Sequence[str]) -> str:
+    """A model's name, or `blend(a,b,...)` for an equal-weight blend."""
+    return choice[0] if len(choice) == 1 else f"blend({','.join(choice)})"
 
 
 def _check_quantiles(quantiles: Sequence[float]) -> tuple[float, ...]:

@@ -43,6 +43,9 @@ MAX_TRAIN_ROWS = 4000
 GBM_PARAMS = {"max_iter": 100, "learning_rate": 0.1, "max_leaf_nodes": 31, "min_samples_leaf": 20}
 """Small, regularised trees: the features carry the structure, depth would memorise noise."""
 
+GLOBAL_GBM_PARAMS = {"max_iter": 300, "learning_rate": 0.05, "max_leaf_nodes": 63, "min_samples_leaf": 20}
+"""Across hundreds of series there is data for more and larger trees (M4 Hourly: OWA 0.50 vs 0.53)."""
+
 LAGS = (1, 2, 3, 4, 6, 12)
 """Steps back read as lags (capped to the history available)."""
 
@@ -163,11 +166,11 @@ def _one_thread() -> Any:
     return _THREADPOOLS[0].limit(limits=1, user_api="openmp")  # type: ignore[attr-defined]
 
 
-def _regressor(random_state: int) -> object:
+def _regressor(random_state: int, params: dict[str, Any] = GBM_PARAMS) -> object:
     from sklearn.ensemble import HistGradientBoostingRegressor
 
     return HistGradientBoostingRegressor(
-        loss="quantile", quantile=GBM_QUANTILE, random_state=random_state, **GBM_PARAMS
+        loss="quantile", quantile=GBM_QUANTILE, random_state=random_state, **params
     )
 
 
@@ -222,7 +225,7 @@ class GlobalGBM:
         if not xs:
             raise ValueError("GlobalGBM.fit: no series long enough to train on")
         self.spec_ = spec
-        self.regressor_ = _regressor(self.random_state)
+        self.regressor_ = _regressor(self.random_state, GLOBAL_GBM_PARAMS)
         with _one_thread():
             self.regressor_.fit(np.concatenate(xs), np.concatenate(ts))  # type: ignore[attr-defined]
         return self
