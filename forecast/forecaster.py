@@ -3,14 +3,18 @@
 This is the one interface the controller and the simulator use (see notes/contracts.md). It keeps the
 history on a regular grid, fits the candidate models, and for each horizon it is asked about runs a
 rolling-origin backtest over the recent history: that backtest both picks the model (`auto` keeps the one,
-or the blend of the best two, with the lowest out-of-sample pinball loss of the peak) and calibrates its
-quantiles by split conformal prediction (`forecast.calibration`). The result is cached per horizon, so the
+or the equal blend of the best two or three, with the lowest out-of-sample pinball loss of the peak; or
+with `selection="path"` the lowest MAE of the central path) and calibrates its quantiles by split
+conformal prediction (`forecast.calibration`). The result is cached per horizon, so the
 controller's steady state (`update` every 15-30 s, then `forecast` at the same horizon) costs one central
 path and a few array additions. Every `refit_every_s` of new data the models are refitted and the
 calibrations recomputed on the next forecast.
 
 Short histories (too short for enough calibration origins) fall back to the recent maximum with a band
-widened by the recent spread, labelled `recent_max_fallback`.
+widened by the recent spread, labelled `recent_max_fallback`. Candidates: naive, recent max, seasonal
+naive and robust seasonal profile per period (a day and a week when the step divides them and the history
+holds two periods), and the gradient-boosted model (`forecast.gbm`) once there is enough history to train
+it, or a shared `GlobalGBM` passed as `global_model`.
 
 It does not read clocks or files or talk to anything: timestamps come in with the data.
 """

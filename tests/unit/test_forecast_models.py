@@ -121,3 +121,33 @@ def test_each_forced_model_is_the_one_used(name: str) -> None:
     f = Forecaster(name, STEP).fit(t, y)
     r = f.forecast(10)
     assert f.model_name_ == name == r.model
+
+
+def hourly(days: int, *, level: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    h = np.arange(days * 24)
+    return level * (1.5 + np.sin(2 * np.pi * h / 24)) + rng.normal(0, 0.02 * level, h.size)
+
+
+def test_per_series_gbm_learns_the_daily_shape() -> None:
+    y = hourly(40, level=50.0, seed=3)
+    f = Forecaster("gbm", 3600.0).fit(np.arange(y.size - 24) * 3600.0, y[:-24])
+    r = f.forecast(24, quantiles=(0.5, 0.9))
+    assert f.model_name_ == "gbm"
+    truth = 50.0 * (1.5 + np.sin(2 * np.pi * np.arange(y.size - 24, y.size) / 24))
+    assert np.max(np.abs(r.paths[0.5] - truth)) < 0.15 * truth.max()
+    assert r.peak[0.9] >= truth.max() * 0.95
+
+
+def test_global_gbm_fitted_on_many_series_forecasts_an_unseen_one() -> None:
+    """Trained across series of different levels (scaled features), it serves a new series' level."""
+    from forecast import gbm
+
+    train = [hourly(30, level=lv, seed=i) for i, lv in enumerate((5.0, 20.0, 80.0, 300.0))]
+    g = gbm.GlobalGBM(3600.0, (24,), horizon=24).fit(train, rows_per_series=300)
+    y = hourly(20, level=1000.0, seed=99)
+    f = Forecaster("gbm", 3600.0, global_model=g, season_steps=(24,)).fit(np.arange(y.size) * 3600.0, y)
+    r = f.forecast(24, quantiles=(0.5,))
+    truth = 1000.0 * (1.5 + np.sin(2 * np.pi * np.arange(y.size, y.size + 24) / 24))
+    assert f.model_name_ == "gbm"
+    assert np.max(np.abs(r.paths[0.5] - truth)) < 0.15 * truth.max()
