@@ -59,6 +59,10 @@ CALIBRATION_S = 2 * models.DAY_S
 MAX_ORIGINS = 300
 """Calibration origins per horizon, evenly spaced: enough for a 95% quantile, cheap to recompute."""
 
+COSTLY_REFIT_S = models.DAY_S
+"""The per-series gbm is refitted daily, not at every hourly refit: the cheap models and the calibration
+follow the last hour, the trees learn slow structure, and skipping their fit keeps the hourly refit cheap."""
+
 FALLBACK_BAND = 2.0
 """The fallback's band is this many recent spreads per unit of normal quantile: deliberately wide."""
 
@@ -141,6 +145,7 @@ class Forecaster:
         self.origin_s_ = float(ts[0])
         self.pos0_ = round(self.origin_s_ / self.step_s)
         self.y_ = grid
+        self.costly_fits_: dict[tuple[int, str], tuple[models.Model, float]] = {}
         self._trim()
         self._refit()
         if self.horizon_steps is not None:
@@ -292,11 +297,18 @@ class Forecaster:
         head = y[:first_end]
         centers: dict[str, FloatArray] = {}
         fitted: dict[str, models.Model] = {}
+        head_end_s = self.origin_s_ + first_end * self.step_s
         for m in cands:
-            try:
-                m.fit(head, pos0=pos0)
-            except ValueError:
-                continue
+            cached = self.costly_fits_.get((horizon, m.name)) if m.costly_fit else None
+            if cached is not None and head_end_s - cached[1] < COSTLY_REFIT_S:
+                m = cached[0]  # fitted on older data only: no leak into this calibration
+            else:
+                try:
+                    m.fit(head, pos0=pos0)
+                except ValueError:
+                    continue
+                if m.costly_fit:
+                    self.costly_fits_[(horizon, m.name)] = (m, head_end_s)
             centers[m.name] = m.predict(y, ends, horizon, pos0=pos0)
             fitted[m.name] = m
         if not centers:
