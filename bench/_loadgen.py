@@ -7,7 +7,8 @@ can read the proxies' CPU counters exactly when the measurement window opens and
 
 Three modes (the `mode` key of the spec):
 
-- `closed`: `concurrency` workers, each on its own keep-alive connection, run streams back to back for
+- `closed`: `concurrency` workers, each on its own keep-alive connection, run streams back to back (each of
+  `max_tokens` tokens, or drawn uniformly from `max_tokens_range`, so that workers do not stay in step) for
   `warmup_s + window_s`; prints `{"event": "window_start"}` / `{"event": "window_end"}`, then the result: events
   (SSE `data:` lines) received in the window, streams started in the window with their time to first event.
   For `direct`, workers spread over all targets round robin.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import resource
 import sys
 import time
@@ -188,7 +190,12 @@ class _Window:
 async def _closed(spec: dict[str, Any]) -> dict[str, Any]:
     totals = Totals()
     targets = [tuple(t) for t in spec["targets"]]
-    request = request_bytes(max_tokens=spec["max_tokens"], keep_alive=True)
+    low, high = spec.get("max_tokens_range") or (spec["max_tokens"], spec["max_tokens"])
+    lengths = sorted({round(low + (high - low) * k / 20) for k in range(21)})
+    requests = [
+        request_bytes(max_tokens=n, keep_alive=True) for n in lengths
+    ]  # encoded once, drawn per stream
+    rng = random.Random(spec.get("seed", 0))
     window = _Window()
     concurrency = int(spec["concurrency"])
     ramp_s = min(1.0, spec["warmup_s"] / 2)
@@ -202,6 +209,7 @@ async def _closed(spec: dict[str, Any]) -> dict[str, Any]:
         for _ in range(1_000_000):
             if window.stop:
                 break
+            request = rng.choice(requests)
             outcome, conn, started = await _one_stream(conn, target, request, totals)  # type: ignore[arg-type]
             if conn is not None:
                 live.add(conn)

@@ -2,7 +2,7 @@
 
 One run, the same emulated backends (`balancer.backend_emulator`, no queueing: slots far above the load,
 `ttft_s = 0` so the time to first byte is all transport), the same closed-loop load from `bench._loadgen` in its
-own process: `concurrency` clients, each streaming `--tokens` tokens at `--seconds-per-token` back to back over a
+own process: `concurrency` clients, each streaming about `--tokens` tokens (0.5x-1.5x, uniform) at `--seconds-per-token` back to back over a
 keep-alive connection. Measured for a direct connection (clients spread over the backends), NGINX `least_conn`,
 NGINX round robin, HAProxy `balance leastconn` and `forestall balancer`, one worker each.
 
@@ -74,6 +74,7 @@ def measure(proxy: _proxies.Proxy, args: argparse.Namespace, concurrency: int) -
             "warmup_s": args.warmup_s,
             "window_s": args.window_s,
             "max_tokens": args.tokens,
+            "max_tokens_range": [round(args.tokens * 0.5), round(args.tokens * 1.5)],
         },
         on_event,
     )
@@ -101,8 +102,8 @@ def _fmt(value: float, digits: int = 1) -> str:
 def report(rows: dict[tuple[int, str], dict[str, Any]], args: argparse.Namespace, notes: list[str]) -> str:
     lines = [
         f"Load: {args.backends} emulated backends (`ttft_s=0`, {args.seconds_per_token} s/token, no queueing); "
-        f"closed loop, each client streams {args.tokens} tokens per request back to back on a keep-alive "
-        f"connection; warm-up {args.warmup_s} s, window {args.window_s} s, {args.rounds} round(s), each round "
+        f"closed loop, each client streams {round(args.tokens * 0.5)}-{round(args.tokens * 1.5)} tokens per "
+        f"request (uniform; the Azure conversation trace's median is 129) back to back on a keep-alive connection; warm-up {args.warmup_s} s, window {args.window_s} s, {args.rounds} round(s), each round "
         "measuring every proxy in turn; figures are medians over rounds. One worker per proxy. Chunk = one SSE "
         "event. Added TTFB = proxy percentile − direct percentile (time to first event, measured at the client).",
         "",
@@ -186,12 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--proxies", nargs="+", default=list(PROXIES), choices=PROXIES, help="what to measure"
     )
     parser.add_argument("--backends", type=int, default=4, help="emulated backends (default 4)")
-    parser.add_argument("--tokens", type=int, default=25, help="tokens per stream (default 25)")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=100,
+        help="mean tokens per stream, drawn uniformly from 0.5x to 1.5x (default 100, near the Azure trace's median)",
+    )
     parser.add_argument(
         "--seconds-per-token", type=float, default=0.1, help="backend decode pace (default 0.1)"
     )
-    parser.add_argument("--warmup-s", type=float, default=3.0, help="seconds before the window (default 3)")
-    parser.add_argument("--window-s", type=float, default=8.0, help="measurement window seconds (default 8)")
+    parser.add_argument("--warmup-s", type=float, default=4.0, help="seconds before the window (default 4)")
+    parser.add_argument(
+        "--window-s", type=float, default=12.0, help="measurement window seconds (default 12)"
+    )
     parser.add_argument("--rounds", type=int, default=1, help="repeat every measurement; medians (default 1)")
     parser.add_argument(
         "--reference-relay",
