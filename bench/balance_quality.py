@@ -138,7 +138,8 @@ def report(
         f"requests, {info['tokens']:.0f} output tokens, mean {info['tokens'] / args.requests:.0f}; originally "
         f"{info['span_s']:.0f} s), time-scaled x{info['scale']:.3f} to {info['scaled_s']:.0f} s so the offered "
         f"load is {args.load:.0%} of the decode capacity. One stream per request, fresh connection; TTFT from "
-        "connect to the first SSE event.",
+        "connect to the first SSE event. No direct-connection row: without a balancer a client would have to "
+        "choose the backend itself; NGINX round robin is the baseline that ignores load.",
         "",
         "| balancer | TTFT p50 ms | p90 ms | p99 ms | max ms | mean ms | failed | share big/mid-a/mid-b/small "
         "| p99 vs NGINX lc | p99 vs HAProxy lc |",
