@@ -11,3 +11,7 @@ from __future__ import annotations
 
 class NotFittedError(ValueError, AttributeError):
     """`forecast()` or `update()` was called before `fit()`."""
+
+
+class InsufficientHistory(ValueError):
+    """A model cannot be fitted on this little history; `auto` skips it and tries the others."""

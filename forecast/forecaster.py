@@ -31,7 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from forecast import calibration, models, series
-from forecast.errors import NotFittedError
+from forecast.errors import InsufficientHistory, NotFittedError
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -305,7 +305,7 @@ class Forecaster:
             else:
                 try:
                     m.fit(head, pos0=pos0)
-                except ValueError:
+                except InsufficientHistory:
                     continue
                 if m.costly_fit:
                     self.costly_fits_[(horizon, m.name)] = (m, head_end_s)

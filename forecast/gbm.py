@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from forecast import models
+from forecast import errors, models
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -149,6 +149,8 @@ def _training_rows(
     yf, csum = _prepare(y)
     x, scale = spec.build(yf, csum, ends, rows_o, hs_r, pos0=pos0, profile_paths=ppaths)
     target = y[ends[rows_o] + hs_r - 1]
+    # A column with no value at all (a lag older than every origin) breaks binning; zero carries no split.
+    x[:, np.all(np.isnan(x), axis=0)] = 0.0
     ok = ~np.isnan(target)
     return x[ok], target[ok] / scale[ok]
 
@@ -181,16 +183,19 @@ class GBM(models.Model):
     costly_fit = True
 
     def __init__(self, step_s: float, periods: Sequence[int], *, horizon: int, random_state: int = 0) -> None:
+        self.periods = tuple(periods)
         self.spec = FeatureSpec(step_s, periods)
         self.horizon = horizon
         self.random_state = random_state
         self.min_history_steps = max(self.spec.day, 24) + MIN_TRAIN_ORIGINS + horizon
 
     def fit(self, y: FloatArray, *, pos0: int) -> GBM:
+        # Seasonal lags need two periods of history; a week on a few days of data would be all NaN.
+        self.spec = FeatureSpec(self.spec.step_s, [p for p in self.periods if 2 * p < y.size])
         rng = np.random.default_rng(self.random_state)
         data = _training_rows(self.spec, y, pos0, self.horizon, rows=MAX_TRAIN_ROWS, rng=rng)
         if data is None or data[0].shape[0] < MIN_TRAIN_ORIGINS:
-            raise ValueError("gbm: too little history to train")
+            raise errors.InsufficientHistory("gbm: too little history to train")
         self.regressor_ = _regressor(self.random_state)
         with _one_thread():
             self.regressor_.fit(*data)  # type: ignore[attr-defined]
@@ -212,7 +217,8 @@ class GlobalGBM:
 
     def fit(self, histories: Sequence[FloatArray], *, rows_per_series: int = 2000) -> GlobalGBM:
         """Fit on many histories (each a regular grid starting at phase 0 of the day)."""
-        spec = FeatureSpec(self.step_s, self.periods)
+        longest = max((len(h) for h in histories), default=0)
+        spec = FeatureSpec(self.step_s, [p for p in self.periods if 2 * p < longest])
         rng = np.random.default_rng(self.random_state)
         xs, ts = [], []
         for y in histories:

@@ -28,6 +28,8 @@ from abc import ABC, abstractmethod
 import numpy as np
 import numpy.typing as npt
 
+from forecast import errors
+
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
 
@@ -184,7 +186,9 @@ class SeasonalProfile(Model):
         m = self.period
         n_periods = min(PROFILE_MAX_PERIODS, y.size // m)
         if n_periods < 2:
-            raise ValueError(f"{self.name} needs two periods of {m} steps, got {y.size} steps")
+            raise errors.InsufficientHistory(
+                f"{self.name} needs two periods of {m} steps, got {y.size} steps"
+            )
         tail = y[-n_periods * m :]
         tail_pos0 = pos0 + y.size - n_periods * m
         # Rows start at phase 0 so that column j is phase j; the shift aligns the tail with the phase.
