@@ -33,6 +33,7 @@ GPU-hours of whole nodes from request to release.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import random
@@ -454,6 +455,8 @@ class ForestallRunner(Runner):
         self.window = max(1, int(spec.forecast.history_s / self.step_s))
         self.forecasts = forecasting.PolicyForecast(spec.forecast, refit_every_s=FORECAST_REFIT_S[0])
         self._signal_cache: dict[tuple[int, bool, int], signals_mod.BackendSignals] = {}
+        self._asked: tuple[int, float] | None = None
+        """(history steps, horizon) of the last forecast asked for."""
         self.peak: decide.PeakForecast | None = None
         self.plans: list[tuple[float, decide.Plan]] = []
         self.last_plan: decide.Plan | None = None
@@ -471,16 +474,18 @@ class ForestallRunner(Runner):
         self.n_done = min(int((now - self.start_s) // self.step_s), self.h_v.size)
         lo = max(0, self.n_done - self.window)
         state = self.cluster.state()
-        if self.n_done:
+        horizon = decide.horizon_s(self.spec, state)
+        if self.n_done and (self.n_done, horizon) == self._asked and self.peak is not None:
+            # Nothing new since the last call: the same forecast, restamped, as PolicyForecast itself does.
+            self.peak = dataclasses.replace(self.peak, computed_s=now)
+        elif self.n_done:
             fitted = self.forecasts.forecaster_
             if fitted is not None and now - self.start_s >= 86400.0:
                 fitted.refit_every_s = FORECAST_REFIT_S[1]
             self.peak = self.forecasts.peak(
-                self.h_t[lo : self.n_done],
-                self.h_v[lo : self.n_done],
-                now=now,
-                horizon_s=decide.horizon_s(self.spec, state),
+                self.h_t[lo : self.n_done], self.h_v[lo : self.n_done], now=now, horizon_s=horizon
             )
+            self._asked = (self.n_done, horizon)
         history = decide.DemandHistory(
             step_s=self.step_s,
             timestamps=self.h_t[lo : self.n_done],
