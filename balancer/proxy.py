@@ -62,6 +62,12 @@ HOP_BY_HOP: Final = frozenset(
 NOT_FORWARDED: Final = HOP_BY_HOP | {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
 """Request headers we replace: Host is the backend's, the X-Forwarded-* are rebuilt."""
 
+INITIALIZE: Final = b'"method":"initialize"'
+"""How a (compact) JSON-RPC `initialize` request names itself; such a request opens a new MCP session, which is
+placed under the bounded-load rule. Legacy clients send no Mcp-Method header, so the small, already buffered
+body is searched once (never the response, never per chunk)."""
+INITIALIZE_SCAN_BYTES: Final = 4096
+
 RETRY_AFTER_S: Final = 5
 """Retry-After on 503: about the time a queued stream waits, short enough that clients come back soon."""
 
@@ -112,15 +118,16 @@ async def handle(request: web.Request) -> web.StreamResponse:
     last_error = "no backend could take the stream"
     last_status = 502
     lease: Lease | None = None
-    start_s = bal.clock.monotonic()
+    new_session = method == "initialize" or (
+        session_id is None and isinstance(body, bytes) and INITIALIZE in body[:INITIALIZE_SCAN_BYTES]
+    )
     try:
         for attempt in range(1, bal.config.max_attempts + 1):
+            start_s = bal.clock.monotonic()
             if pinned is not None:
                 lease = bal.pool.lease(pinned)
             elif attempt == 1:
-                lease = await bal.place(
-                    affinity_key=affinity, method=method, new_session=method == "initialize"
-                )
+                lease = await bal.place(affinity_key=affinity, method=method, new_session=new_session)
             else:
                 backend = bal.choose(exclude=frozenset(tried), method=method)
                 if backend is None:
