@@ -1,1 +1,23 @@
-"""Forestall balancer: a least-loaded stream proxy for GPU inference and MCP."""
+"""Forestall balancer: a least-loaded stream proxy for GPU inference and MCP.
+
+A stream counts as load on its backend from the moment it is placed until its last byte (a lease), normalised by
+the backend's capacity weight, so new streams go where decoding capacity is free rather than where the fewest
+requests were recently opened. It works with the controller: new pods warm up, drained pods get no new streams
+and report what is left on them, and `/signals` tells the controller where the load and the hotspots are.
+
+Modules, from the bottom up:
+    clock.py        the only place that reads time (FakeClock in tests)
+    picking.py      pure choice of a backend from a snapshot (shared with the simulator)
+    config.py       BalancerConfig and the backends-file schema (flags / env / file), errors.py
+    backends.py     the backend table and stream leases
+    health.py       outlier ejection, retry budget, errors hidden in 200s
+    drain.py        slow start and the bounded admission queue
+    sessions.py     MCP session stickiness, bounded loads, consistent hashing
+    runtime.py      the Balancer object tying those together, and placement
+    proxy.py        the HTTP relay (SSE/chunked/JSON); websockets.py the WebSocket relay
+    discovery.py    static backends file; endpointslices.py Kubernetes EndpointSlices over plain REST
+    scraping.py     backend-reported queues from vLLM /metrics
+    reporting.py    hotspots and the /signals document (schema in signals.py); metrics.py Prometheus
+    app.py          the proxy and admin aiohttp apps, background tasks, listeners (TLS)
+    cli.py          `forestall balancer`
+"""
