@@ -7,11 +7,11 @@ import random
 import numpy as np
 import pytest
 
-from controller import simulate
+from controller import sim_streams
 
 
 def test_replay_gives_each_stream_the_earliest_free_slot_in_arrival_order() -> None:
-    starts, rejected, done = simulate._replay(
+    starts, rejected, done = sim_streams._replay(
         np.array([0.0, 0.1, 0.2, 0.3]), np.array([1.0, 1.0, 1.0, 5.0]), [0.0, 0.0], t1=15.0, timeout_s=60.0
     )
     assert starts.tolist() == [0.0, 0.1, 1.0, 1.1]
@@ -19,7 +19,7 @@ def test_replay_gives_each_stream_the_earliest_free_slot_in_arrival_order() -> N
 
 
 def test_replay_rejects_streams_that_would_wait_past_the_timeout_and_keeps_the_rest_queued() -> None:
-    starts, rejected, done = simulate._replay(
+    starts, rejected, done = sim_streams._replay(
         np.array([0.0, 1.0, 2.0]), np.array([100.0, 1.0, 1.0]), [0.0], t1=15.0, timeout_s=60.0
     )
     # One slot, busy until t=100: nobody else can start within this tick; they stay queued.
@@ -28,7 +28,7 @@ def test_replay_rejects_streams_that_would_wait_past_the_timeout_and_keeps_the_r
 
 
 def _fast_path_says_no_wait(arr: np.ndarray, dur: np.ndarray, supply: np.ndarray) -> bool:
-    tick = simulate.Tick.of(0.0, 15.0, arr, dur)
+    tick = sim_streams.Tick.of(0.0, 15.0, arr, dur)
     return bool((np.searchsorted(np.sort(supply), arr, side="right") >= tick.need).all())
 
 
@@ -39,7 +39,7 @@ def test_vectorised_no_wait_test_agrees_with_the_stream_by_stream_replay(seed: i
     arr = np.sort(rng.random(n) * 15.0)
     dur = rng.exponential(3.0, n) + 0.01
     supply = np.concatenate([np.zeros(int(rng.integers(0, 8))), rng.random(int(rng.integers(0, 20))) * 15.0])
-    starts, _rejected, done = simulate._replay(arr, dur, np.sort(supply).tolist(), t1=15.0, timeout_s=60.0)
+    starts, _rejected, done = sim_streams._replay(arr, dur, np.sort(supply).tolist(), t1=15.0, timeout_s=60.0)
     replay_no_wait = done == n and bool(np.allclose(starts, arr))
     assert _fast_path_says_no_wait(arr, dur, supply) == replay_no_wait
 
@@ -51,9 +51,9 @@ def test_bulk_placement_matches_one_pick_per_stream(seed: int) -> None:
     pods = np.arange(10, 10 + rng.randint(2, 8), dtype=np.int64)
     load = np.array([rng.randint(0, 16) for _ in pods], dtype=np.int64)
     room = int((16 - load).sum())
-    n = min(room, simulate.PICK_EACH_MAX + rng.randint(1, 40))
-    bulk = simulate.place(n, pods, load, slots=16, rng=random.Random(1))
-    each = simulate._place_each(n, pods, load, slots=16, rng=random.Random(1))
+    n = min(room, sim_streams.PICK_EACH_MAX + rng.randint(1, 40))
+    bulk = sim_streams.place(n, pods, load, slots=16, rng=random.Random(1))
+    each = sim_streams._place_each(n, pods, load, slots=16, rng=random.Random(1))
     final_bulk = load + np.bincount(bulk - 10, minlength=pods.size)
     final_each = load + np.bincount(each - 10, minlength=pods.size)
     assert bulk.size == each.size == n
@@ -64,17 +64,17 @@ def test_bulk_placement_matches_one_pick_per_stream(seed: int) -> None:
 def test_placement_never_overfills_a_pod_while_others_have_room() -> None:
     pods = np.arange(20, dtype=np.int64)
     load = np.array([15] * 10 + [0] * 10, dtype=np.int64)
-    placed = simulate.place(100, pods, load, slots=16, rng=random.Random(0))
+    placed = sim_streams.place(100, pods, load, slots=16, rng=random.Random(0))
     final = load + np.bincount(placed, minlength=20)
     assert final.max() <= 16 and final.sum() == load.sum() + 100
 
 
 def test_step_queues_when_slots_run_out_and_counts_every_stream() -> None:
-    book = simulate.StreamBook(slo_s=2.0, rng=random.Random(0))
+    book = sim_streams.StreamBook(slo_s=2.0, rng=random.Random(0))
     arr = np.arange(0.0, 10.0, 0.5)  # 20 streams of 6 s on one pod with 4 slots
     dur = np.full(arr.size, 6.0)
     misses = book.step(
-        simulate.Tick.of(0.0, 15.0, arr, dur), eligible=np.array([0], dtype=np.int64), slots=4, coming=()
+        sim_streams.Tick.of(0.0, 15.0, arr, dur), eligible=np.array([0], dtype=np.int64), slots=4, coming=()
     )
     assert book.started < 20 and book.q_arr.size > 0
     assert misses > 0 and book.met < book.started
@@ -83,10 +83,10 @@ def test_step_queues_when_slots_run_out_and_counts_every_stream() -> None:
 
 
 def test_removing_a_pod_cuts_its_streams_and_takes_them_out_of_the_slo() -> None:
-    book = simulate.StreamBook(slo_s=2.0, rng=random.Random(0))
+    book = sim_streams.StreamBook(slo_s=2.0, rng=random.Random(0))
     arr = np.array([0.0, 0.1, 0.2, 0.3])
     book.step(
-        simulate.Tick.of(0.0, 15.0, arr, np.full(4, 100.0)),
+        sim_streams.Tick.of(0.0, 15.0, arr, np.full(4, 100.0)),
         eligible=np.array([0, 1], dtype=np.int64),
         slots=4,
         coming=(),
@@ -100,5 +100,5 @@ def test_removing_a_pod_cuts_its_streams_and_takes_them_out_of_the_slo() -> None
 
 def test_forward_max_is_what_must_be_billed_a_lead_time_ahead() -> None:
     x = np.array([0, 0, 0, 3, 0, 0, 1, 0], dtype=np.int64)
-    assert simulate.forward_max(x, 2).tolist() == [0, 3, 3, 3, 1, 1, 1, 0]
-    assert simulate.forward_max(x, 0).tolist() == x.tolist()
+    assert sim_streams.forward_max(x, 2).tolist() == [0, 3, 3, 3, 1, 1, 1, 0]
+    assert sim_streams.forward_max(x, 0).tolist() == x.tolist()
