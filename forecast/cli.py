@@ -44,7 +44,9 @@ def add_parser(sub: Any) -> None:
         description="Forecast tools. `forestall forecast backtest --series FILE.csv --horizon 10m` evaluates "
         "the peak-demand forecaster against the baselines on a real series.",
     )
-    fsub = p.add_subparsers(dest="forecast_command", metavar="SUBCOMMAND", required=True)
+    fsub = p.add_subparsers(
+        dest="forecast_command", metavar="SUBCOMMAND", required=True, help="backtest: evaluate peak forecasts"
+    )
     b = fsub.add_parser(
         "backtest",
         help="rolling-origin backtest of the q-quantile of the peak over a horizon",
