@@ -37,9 +37,22 @@ def test_every_subcommand_explains_every_option(name: str, capsys: pytest.Captur
     assert caught.value.code == 0
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[name]
-    for action in sub._actions:
-        if not isinstance(action, argparse._HelpAction):
-            assert action.help, f"forestall {name}: option {action.dest} has no help text"
+    _assert_documented(sub, f"forestall {name}")
+
+
+def _assert_documented(parser: argparse.ArgumentParser, where: str) -> None:
+    """Every option has help text; nested subcommands (`forestall forecast backtest`) each have a help line and
+    documented options of their own."""
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            helped = {choice.dest for choice in action._choices_actions if choice.help}
+            for subname, subparser in action.choices.items():
+                assert subname in helped, f"{where} {subname}: subcommand has no help line"
+                _assert_documented(subparser, f"{where} {subname}")
+            continue
+        assert action.help, f"{where}: option {action.dest} has no help text"
 
 
 @pytest.mark.parametrize("argv", [["crd", "--bogus"], ["nosuchcommand"], [], ["validate"]])

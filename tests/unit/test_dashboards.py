@@ -158,8 +158,8 @@ def _controller_exports() -> dict[str, set[str]]:
 
     exported: dict[str, set[str]] = {}
     for name, collector in vars(metrics.ControllerMetrics()).items():
-        if name == "registry":
-            continue
+        if name == "registry" or not hasattr(collector, "collect"):
+            continue  # the registry itself, and private caches such as the labelled-children map
         family = next(iter(collector.collect()))
         queried = family.name + ("_total" if family.type == "counter" else "")
         exported[queried] = set(collector._labelnames)
