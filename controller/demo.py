@@ -44,15 +44,18 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+from aiohttp import web
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 from balancer import clock as clock_mod
 from balancer import signals as signals_mod
-from controller import acting, decide, forecasting, local, policy, simulate, traces
+from controller import acting, decide, forecasting, local, metrics, policy, simulate, traces
 
 HOST = "127.0.0.1"
+POLICY_LABELS = ("demo", "llm")
+"""Namespace and name the demo's policy carries in the controller's metrics."""
 RECONCILE_S = 15.0
 """Virtual seconds between reconciles: the live controller's default interval."""
 
@@ -158,6 +161,7 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
     stats = StreamStats()
     view = DemoState(vnow=v0)
     prom_url: str | None = None
+    cleanups: list[Any] = []
     try:
         # Start where a cluster would be: sized for the last hour's peak demand.
         recent = history_v[-max(1, int(3600 / spec.forecast.step_s)) :]
@@ -165,9 +169,13 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
         cl.start(v0, initial)
         procs.append(_start_balancer(listen, admin, backends_file, workdir))
         await _wait_port(admin)
+        ctl_metrics = metrics.ControllerMetrics()
+        metrics_port = _free_port()
+        runner = await _serve_metrics(ctl_metrics, metrics_port)
+        cleanups.append(runner.cleanup)
         if opts.prometheus or (opts.prometheus is None and shutil.which("prometheus")):
             prom_port = _free_port()
-            procs.append(_start_prometheus(prom_port, admin, workdir))
+            procs.append(_start_prometheus(prom_port, [admin, metrics_port], workdir))
             prom_url = f"http://{HOST}:{prom_port}"
         vc = VirtualClock(v0=v0, w0=clk.monotonic(), scale=opts.time_scale, wall=clk)
 
@@ -177,7 +185,15 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
         ) as http:
             tasks = [
                 _controller(
-                    spec, cl, http, view, vc=vc, end_s=v_end, admin=admin, hist=(history_t, history_v)
+                    spec,
+                    cl,
+                    http,
+                    view,
+                    vc=vc,
+                    end_s=v_end,
+                    admin=admin,
+                    hist=(history_t, history_v),
+                    ctl_metrics=ctl_metrics,
                 ),
                 _load(arrivals, http, stats, vc=vc, end_s=v_end, listen=listen, opts=opts, spt=spt),
                 _ticker(cl, vc=vc, end_s=v_end),
@@ -190,6 +206,9 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
         if prom_url is not None:
             await _print_dashboard_values(prom_url, console)
     finally:
+        for cleanup in cleanups:
+            with contextlib.suppress(Exception):
+                await cleanup()
         cl.stop()
         for proc in procs:
             _stop(proc)
@@ -210,8 +229,9 @@ async def _controller(
     end_s: float,
     admin: int,
     hist: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
+    ctl_metrics: metrics.ControllerMetrics,
 ) -> None:
-    """Every RECONCILE_S virtual seconds: read /signals, extend the history, forecast, decide, apply."""
+    """Every RECONCILE_S virtual seconds: read /signals, extend the history, forecast, decide, apply, report."""
     step = spec.forecast.step_s
     hist_t, hist_v = list(hist[0]), list(hist[1])
     fc = forecasting.PolicyForecast(spec.forecast)
@@ -238,8 +258,12 @@ async def _controller(
             step_s=step, timestamps=t_arr, values=v_arr, forecast=peak, fetched_s=now
         )
         plan = decide.decide(spec, now, history, snapshot, state)
+        horizon = decide.horizon_s(spec, state)
+        ctl_metrics.observe_plan(*POLICY_LABELS, spec=spec, plan=plan, state=state, horizon_s=horizon)
         for line in acting.apply_plan(cl, plan, state, now=now):
             view.events.append(f"{_clock(now)} {line}")
+            if line.startswith("drain "):
+                ctl_metrics.child(ctl_metrics.drains, *POLICY_LABELS).inc()
         view.plan, view.vnow = plan, now
         next_at += RECONCILE_S
         await vc.sleep_until(next_at)
@@ -526,12 +550,14 @@ def _start_balancer(listen: int, admin: int, backends_file: Path, workdir: Path)
         )
 
 
-def _start_prometheus(port: int, admin: int, workdir: Path) -> subprocess.Popen[bytes]:
+def _start_prometheus(port: int, targets: list[int], workdir: Path) -> subprocess.Popen[bytes]:
+    """Prometheus scraping the balancer's admin port and the demo controller's metrics every second."""
     config = workdir / "prometheus.yml"
+    listed = ", ".join(f"'{HOST}:{t}'" for t in targets)
     config.write_text(
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
-        f"  - job_name: forestall-balancer\n    static_configs: [{{targets: ['{HOST}:{admin}']}}]\n"
+        f"  - job_name: forestall\n    honor_labels: true\n    static_configs: [{{targets: [{listed}]}}]\n"
     )
     with open(workdir / "prometheus.log", "wb") as log:  # the child keeps its own copy of the descriptor
         return _popen(
@@ -556,9 +582,12 @@ async def _print_dashboard_values(url: str, console: Console) -> None:
     for column in ("dashboard", "panel", "value"):
         table.add_column(column)
     async with aiohttp.ClientSession() as http:
+        # A few minutes of data: rates over 30 s, ranges over the demo so far.
+        values = {**generate.SUBSTITUTIONS, "$__rate_interval": "30s", "$__range": "5m"}
         for dashboard, panel, expr in generate.queries():
+            query = generate.substitute(expr, values)
             try:
-                async with http.get(f"{url}/api/v1/query", params={"query": expr}) as resp:
+                async with http.get(f"{url}/api/v1/query", params={"query": query}) as resp:
                     data = await resp.json()
             except (aiohttp.ClientError, ValueError):
                 continue
@@ -567,6 +596,22 @@ async def _print_dashboard_values(url: str, console: Console) -> None:
                 value = ", ".join(f"{float(r['value'][1]):.3g}" for r in result[:4])
                 table.add_row(dashboard, panel, value)
     console.print(table)
+
+
+async def _serve_metrics(registry: metrics.ControllerMetrics, port: int) -> web.AppRunner:
+    """The demo controller's /metrics on a loopback port, served from this event loop."""
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+    async def handler(request: web.Request) -> web.Response:
+        body = generate_latest(registry.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, HOST, port).start()
+    return runner
 
 
 def _popen(argv: list[str], log: Any) -> subprocess.Popen[bytes]:
