@@ -5,8 +5,9 @@ Flow of a request: validate what is cheap to validate (body size, MCP session) -
 -> send to the backend -> on a connect error, reset, first-byte timeout or 503 before anything reached the client,
 retry on another backend within the retry budget -> relay the status and headers -> relay the body.
 
-The per-chunk path is `await resp.write(chunk)` inside `async for` and nothing else: no parsing, logging,
-counting or allocation of our own. Idle timeouts are found by a once-a-second sweep over open streams
+The per-chunk path is `await resp.write(chunk)` after `await content.readany()` and nothing else: no parsing,
+logging, counting or allocation of our own (a plain `while` loop, not `async for ... iter_any()`, which adds an
+iterator frame per chunk). Idle timeouts are found by a once-a-second sweep over open streams
 (runtime.Balancer.sweep_idle, no timer re-armed per chunk), relayed bytes are read from
 the response stream's own total at the end, and failure inspection looks at the first and last chunk after the
 fact (health.response_error). Response bodies are never buffered; request bodies only up to the retry buffer.
@@ -255,8 +256,9 @@ async def _relay(
         if first:
             await resp.write(first)
             chunk = first
-            async for chunk in content.iter_any():
-                await resp.write(chunk)
+            while piece := await content.readany():
+                await resp.write(piece)
+                chunk = piece
         await resp.write_eof()
         ok = True
     except (ConnectionResetError, aiohttp.ClientError, TimeoutError) as exc:
