@@ -30,10 +30,7 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -156,7 +153,7 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
         seconds_per_token=spt * opts.tokens_per_chunk / opts.time_scale,
     )
     cl = local.LocalCluster(spec, worker=worker, backends_file=backends_file, seed=opts.seed, log_dir=workdir)
-    listen, admin = _free_port(), _free_port()
+    listen, admin = local.free_port(HOST), local.free_port(HOST)
     procs: list[subprocess.Popen[bytes]] = []
     stats = StreamStats()
     view = DemoState(vnow=v0)
@@ -170,11 +167,11 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
         procs.append(_start_balancer(listen, admin, backends_file, workdir))
         await _wait_port(admin)
         ctl_metrics = metrics.ControllerMetrics()
-        metrics_port = _free_port()
+        metrics_port = local.free_port(HOST)
         runner = await _serve_metrics(ctl_metrics, metrics_port)
         cleanups.append(runner.cleanup)
         if opts.prometheus or (opts.prometheus is None and shutil.which("prometheus")):
-            prom_port = _free_port()
+            prom_port = local.free_port(HOST)
             procs.append(_start_prometheus(prom_port, [admin, metrics_port], workdir))
             prom_url = f"http://{HOST}:{prom_port}"
         vc = VirtualClock(v0=v0, w0=clk.monotonic(), scale=opts.time_scale, wall=clk)
@@ -211,7 +208,7 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
                 await cleanup()
         cl.stop()
         for proc in procs:
-            _stop(proc)
+            local.stop_process(proc, grace_s=10.0)
         shutil.rmtree(workdir, ignore_errors=True)
     return _results(stats, cl, trace, spec, scale=scale, start_s=v0, end_s=v_end, seed=opts.seed)
 
@@ -619,30 +616,9 @@ def _popen(argv: list[str], log: Any) -> subprocess.Popen[bytes]:
     return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 async def _wait_port(port: int, *, attempts: int = 200) -> None:
     for _ in range(attempts):
-        with socket.socket() as sock:
-            if sock.connect_ex((HOST, port)) == 0:
-                return
+        if local.listening(HOST, port):
+            return
         await asyncio.sleep(0.05)
     raise RuntimeError(f"nothing listens on {HOST}:{port}: the balancer did not start (see its log)")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port

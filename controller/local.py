@@ -27,6 +27,7 @@ What it does not do: schedule by GPU type or run more than one scale target.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -270,7 +271,7 @@ class LocalCluster:
             return
         if pod.process is None and pod.started_at_s is not None and now >= pod.started_at_s:
             self._launch(pod)
-        if pod.process is not None and pod.listening_s is None and _listening(self.host, pod.port):
+        if pod.process is not None and pod.listening_s is None and listening(self.host, pod.port):
             pod.listening_s = now
             if pod.ready_at_s is None:
                 pod.ready_at_s = now + self._draw(self.spec.lead_time.model_load_s)
@@ -321,7 +322,7 @@ class LocalCluster:
         return prior_s * self._rng.uniform(1 - JITTER, 1 + JITTER)
 
     def _launch(self, pod: _Pod) -> None:
-        pod.port = _free_port(self.host)
+        pod.port = free_port(self.host)
         log = subprocess.DEVNULL
         if self.log_dir is not None:
             log = os.open(self.log_dir / f"{pod.name}.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -370,27 +371,34 @@ class LocalCluster:
 
 
 def _terminate(pod: _Pod) -> None:
-    if pod.process is None or pod.process.poll() is not None:
+    if pod.process is not None:
+        stop_process(pod.process, grace_s=5.0)
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, grace_s: float) -> None:
+    """SIGTERM a child's whole process group, SIGKILL it after `grace_s`; safe on a process already gone."""
+    if proc.poll() is not None:
         return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
-        os.killpg(pod.process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        pod.process.wait(timeout=5)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
-        os.killpg(pod.process.pid, signal.SIGKILL)
-        pod.process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
+    """A TCP port free on `host` now (the OS's pick)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
 
 
-def _listening(host: str, port: int | None) -> bool:
+def listening(host: str, port: int | None) -> bool:
+    """Whether something accepts connections on host:port."""
     if port is None:
         return False
     with socket.socket() as sock:
