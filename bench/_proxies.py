@@ -373,6 +373,30 @@ class ReferenceRelay(Proxy):
         return self
 
 
+REFERENCE_RELAYS = ("python protocol relay (reference)", "bare aiohttp relay (reference)")
+"""Relays that are not balancers, measured beside them to show what the relay machinery itself costs."""
+
+_MAKERS: dict[str, Callable[[list[Backend]], Proxy]] = {
+    "direct": Direct,
+    "nginx least_conn": lambda b: Nginx(b, least_conn=True),
+    "nginx round robin": lambda b: Nginx(b, least_conn=False),
+    "haproxy leastconn": Haproxy,
+    "haproxy leastconn (maxconn = slots)": lambda b: Haproxy(b, server_maxconn=True),
+    "forestall": Forestall,
+    "forestall (max_streams = slots)": lambda b: Forestall(b, max_streams=True),
+    REFERENCE_RELAYS[0]: lambda b: ReferenceRelay(b, aiohttp=False),
+    REFERENCE_RELAYS[1]: lambda b: ReferenceRelay(b, aiohttp=True),
+}
+
+
+def make(name: str, backends: list[Backend]) -> Proxy:
+    """The proxy a benchmark names (each script offers its own subset of these names)."""
+    maker = _MAKERS.get(name)
+    if maker is None:
+        raise ValueError(f"unknown proxy {name!r}; choose from {', '.join(_MAKERS)}")
+    return maker(backends)
+
+
 def forestall_available() -> bool:
     """Whether `forestall balancer` exists in this tree yet (it is being built alongside the benchmarks)."""
     done = subprocess.run([FORESTALL, "balancer", "--help"], capture_output=True, cwd=ROOT)

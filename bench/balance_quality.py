@@ -56,22 +56,6 @@ PROXIES = (
 )
 
 
-def make_proxy(name: str, backends: list[_proxies.Backend]) -> _proxies.Proxy:
-    if name == "nginx least_conn":
-        return _proxies.Nginx(backends, least_conn=True)
-    if name == "nginx round robin":
-        return _proxies.Nginx(backends, least_conn=False)
-    if name == "haproxy leastconn":
-        return _proxies.Haproxy(backends)
-    if name == "haproxy leastconn (maxconn = slots)":
-        return _proxies.Haproxy(backends, server_maxconn=True)
-    if name == "forestall":
-        return _proxies.Forestall(backends)
-    if name == "forestall (max_streams = slots)":
-        return _proxies.Forestall(backends, max_streams=True)
-    raise ValueError(f"unknown proxy {name!r}")
-
-
 def read_trace(path: Path, *, start_row: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Arrival times (seconds from the first of the slice) and generated tokens of `count` requests."""
     times, tokens = [], []
@@ -229,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, dict[str, Any]] = {}
     for name in args.proxies:
         backends = _proxies.start_backends(BACKENDS)  # fresh backends: no queue left over from the last run
-        proxy = make_proxy(name, backends)
+        proxy = _proxies.make(name, backends)
         try:
             proxy.start()
             result = _proxies.run_loadgen({"mode": "replay", "target": proxy.targets[0], "arrivals": plan})

@@ -39,16 +39,6 @@ SETTLE_S = 1.0
 """Pause before reading RSS after a step, so buffers of the step's traffic are released."""
 
 
-def make_proxy(name: str, backends: list[_proxies.Backend]) -> _proxies.Proxy:
-    if name == "nginx least_conn":
-        return _proxies.Nginx(backends, least_conn=True)
-    if name == "haproxy leastconn":
-        return _proxies.Haproxy(backends)
-    if name == "forestall":
-        return _proxies.Forestall(backends)
-    raise ValueError(f"unknown proxy {name!r}")
-
-
 def serve_mcp(port: int) -> None:
     """Run the MCP SDK's own Streamable HTTP server on 127.0.0.1:`port` (the benchmark's MCP backend)."""
     import uvicorn
@@ -131,7 +121,7 @@ def measure_streams(name: str, count: int) -> dict[str, Any]:
         for i in range(2)
     ]
     backends = _proxies.start_backends(specs)
-    proxy = make_proxy(name, backends)
+    proxy = _proxies.make(name, backends)
     holders: list[_proxies.IdleStreams] = []
     try:
         proxy.start()
@@ -161,7 +151,7 @@ def measure_sessions(name: str, count: int) -> dict[str, Any]:
     mcp_proc, mcp_port = start_mcp_backend()
     fake = _proxies.BackendSpec("mcp", slots=1, ttft_s=0.0, seconds_per_token=0.0)
     backends = [_proxies.Backend(fake, mcp_port, mcp_proc)]  # type: ignore[arg-type]
-    proxy = make_proxy(name, backends)
+    proxy = _proxies.make(name, backends)
     try:
         proxy.start()
         assert proxy.pid is not None

@@ -36,26 +36,10 @@ import numpy as np
 from bench import _proxies, _record
 
 PROXIES = ("direct", "nginx least_conn", "nginx round robin", "haproxy leastconn", "forestall")
-REFERENCE_RELAYS = ("python protocol relay (reference)", "bare aiohttp relay (reference)")
+REFERENCE_RELAYS = _proxies.REFERENCE_RELAYS
 """Opt-in rows (`--reference-relay`): `bench._reference_relay`, to separate Python's cost from aiohttp's."""
 REFERENCE = "nginx least_conn"
 """What the targets compare to."""
-
-
-def make_proxy(name: str, backends: list[_proxies.Backend]) -> _proxies.Proxy:
-    if name == "direct":
-        return _proxies.Direct(backends)
-    if name == "nginx least_conn":
-        return _proxies.Nginx(backends, least_conn=True)
-    if name == "nginx round robin":
-        return _proxies.Nginx(backends, least_conn=False)
-    if name == "haproxy leastconn":
-        return _proxies.Haproxy(backends)
-    if name == "forestall":
-        return _proxies.Forestall(backends)
-    if name in REFERENCE_RELAYS:
-        return _proxies.ReferenceRelay(backends, aiohttp=name == REFERENCE_RELAYS[1])
-    raise ValueError(f"unknown proxy {name!r}; choose from {', '.join(PROXIES)}")
 
 
 def measure(proxy: _proxies.Proxy, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
@@ -237,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(args.rounds):
             for concurrency in args.concurrency:
                 for name in args.proxies:
-                    proxy = make_proxy(name, backends)
+                    proxy = _proxies.make(name, backends)
                     try:
                         proxy.start()
                         row = measure(proxy, args, concurrency)
