@@ -250,12 +250,12 @@ async def _controller(
             bucket = []
         state = cl.state()
         t_arr, v_arr = np.asarray(hist_t), np.asarray(hist_v)
-        peak = fc.peak(t_arr, v_arr, now=now, horizon_s=decide.horizon_s(spec, state))
+        horizon = decide.horizon_s(spec, state)
+        peak = fc.peak(t_arr, v_arr, now=now, horizon_s=horizon)
         history = decide.DemandHistory(
             step_s=step, timestamps=t_arr, values=v_arr, forecast=peak, fetched_s=now
         )
         plan = decide.decide(spec, now, history, snapshot, state)
-        horizon = decide.horizon_s(spec, state)
         ctl_metrics.observe_plan(*POLICY_LABELS, spec=spec, plan=plan, state=state, horizon_s=horizon)
         for line in acting.apply_plan(cl, plan, state, now=now):
             view.events.append(f"{_clock(now)} {line}")
