@@ -5,11 +5,14 @@
 
 FROM python:3.11-slim AS build
 WORKDIR /src
-# Only what the wheel needs: the three packages and the generated CRD it bundles (pyproject force-include).
+# Only what the wheel needs: the packages (the lab, emulation/, too: `forestall simulate` and `demo` ship) and the generated CRD it bundles (pyproject force-include).
 COPY pyproject.toml README.md ./
 COPY controller/ controller/
 COPY balancer/ balancer/
 COPY forecast/ forecast/
+COPY contract/ contract/
+COPY emulation/ emulation/
+COPY forestall/ forestall/
 COPY manifests/crd/ manifests/crd/
 RUN python -m venv /opt/forestall \
     && /opt/forestall/bin/pip install --no-cache-dir --upgrade pip \

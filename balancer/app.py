@@ -35,11 +35,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from balancer import clock as clock_mod
 from balancer import config as config_mod
 from balancer import discovery, endpointslices, metrics, proxy, reporting, scraping
 from balancer.errors import ConfigError
 from balancer.runtime import Balancer
+from contract import clock as clock_mod
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from balancer import clock as clock_mod
 from balancer import picking
 from balancer.config import BackendSpec, BalancerConfig
+from contract import clock as clock_mod
 
 TTFB_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 """Time-to-first-byte histogram bounds: from a cached answer (ms) to a long prefill under load (a minute)."""

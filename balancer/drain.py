@@ -27,10 +27,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import TypeVar
 
-from balancer import clock as clock_mod
 from balancer.backends import Backend, Pool
 from balancer.config import BalancerConfig
 from balancer.errors import NoBackendError
+from contract import clock as clock_mod
 
 MIN_WARM_FACTOR = 0.1
 """Share of its weight a backend gets the moment it joins: enough to measure it, little enough to spare it."""

@@ -39,11 +39,12 @@ import aiohttp
 from balancer.config import BackendSpec
 from balancer.errors import BalancerError
 from balancer.runtime import Balancer
+from contract import pod_annotations
 
 log = logging.getLogger(__name__)
 
-DRAIN_ANNOTATION: Final = "forestall.dev/drain"
-WEIGHT_ANNOTATION: Final = "forestall.dev/capacity-weight"
+DRAIN_ANNOTATION: Final = pod_annotations.DRAIN
+WEIGHT_ANNOTATION: Final = pod_annotations.CAPACITY_WEIGHT
 SERVICE_ACCOUNT: Final = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 RELIST_BACKOFF_S: Final = (0.5, 30.0)
 """After a failed list or watch, wait 0.5 s, doubling to 30 s: quick recovery without hammering the API."""

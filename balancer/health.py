@@ -24,9 +24,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from balancer import clock as clock_mod
 from balancer.backends import Backend, Pool
 from balancer.config import BalancerConfig
+from contract import clock as clock_mod
 
 INSPECT_MAX_BYTES = 64 * 1024
 """Chunks larger than this are not parsed for errors: an error report is small, a large chunk is content."""

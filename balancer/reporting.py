@@ -19,9 +19,9 @@ import os
 import statistics
 from dataclasses import dataclass
 
-from balancer import signals
 from balancer.backends import Backend
 from balancer.runtime import Balancer
+from contract import signals
 
 SLOW_TTFB_RATIO = 2.0
 """A hot backend whose TTFB is this many times the median is reported as slow rather than merely busy."""

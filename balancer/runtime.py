@@ -18,10 +18,10 @@ import ssl
 
 import aiohttp
 
-from balancer import clock as clock_mod
 from balancer import drain, health, picking, sessions
 from balancer.backends import Backend, Lease, Pool
 from balancer.config import BalancerConfig
+from contract import clock as clock_mod
 
 
 class Balancer:

@@ -30,8 +30,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from balancer import clock as clock_mod
 from balancer.backends import Backend, Pool
+from contract import clock as clock_mod
 
 VNODES_PER_WEIGHT = 64
 """Ring points per unit of weight: enough for an even spread over a handful of backends, cheap to rebuild."""

@@ -1,6 +1,6 @@
 """Processes the balancer benchmarks start and measure: emulated backends, NGINX, HAProxy, Forestall, load.
 
-Every balancer is started the same way on the same emulated backends (`balancer.backend_emulator` processes) and
+Every balancer is started the same way on the same emulated backends (`emulation.worker` processes) and
 given the same information: the backend addresses and capacity weights. Each runs one worker (NGINX
 `worker_processes 1`, HAProxy `nbthread 1`, Forestall one process), so figures compare per core; the NGINX and
 HAProxy configurations are the usual ones for streaming (no response buffering, HTTP/1.1 keep-alive to the
@@ -143,7 +143,7 @@ def start_backends(specs: Sequence[BackendSpec]) -> list[Backend]:
             [
                 PYTHON,
                 "-m",
-                "balancer.backend_emulator",
+                "emulation.worker",
                 "--listen",
                 "127.0.0.1:0",
                 "--slots",
@@ -406,9 +406,9 @@ def forestall_available() -> bool:
 def run_loadgen(
     spec: dict[str, Any], on_event: Callable[[dict[str, Any]], None] | None = None
 ) -> dict[str, Any]:
-    """Run `bench._loadgen` in its own process; call `on_event` on each progress line; return its result."""
+    """Run `emulation.loadgen` in its own process; call `on_event` on each progress line; return its result."""
     proc = subprocess.Popen(
-        [PYTHON, "-m", "bench._loadgen", json.dumps(spec)],
+        [PYTHON, "-m", "emulation.loadgen", json.dumps(spec)],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -436,7 +436,12 @@ class IdleStreams:
 
     def __init__(self, target: tuple[str, int], count: int) -> None:
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "bench._loadgen", json.dumps({"mode": "idle", "target": target, "count": count})],
+            [
+                PYTHON,
+                "-m",
+                "emulation.loadgen",
+                json.dumps({"mode": "idle", "target": target, "count": count}),
+            ],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

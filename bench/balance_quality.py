@@ -1,13 +1,13 @@
 """Balancing quality: time to first token on heterogeneous GPU backends under a real arrival trace.
 
-Backends differ as GPU pods do (`balancer.backend_emulator` processes): a big fast one, two mid ones and a small
+Backends differ as GPU pods do (`emulation.worker` processes): a big fast one, two mid ones and a small
 slow one, each with its own slot count (batch), prefill time and time per token. Every balancer gets the same
 information, the backend addresses with capacity weights equal to their slot counts (NGINX `weight=`, HAProxy
 `weight`, Forestall's backends file). Arrivals and output lengths come from a slice of the Azure LLM inference
 trace (`/work/shared/data/AzureLLMInferenceTrace_conv.csv`, column GeneratedTokens = tokens streamed), with time
 scaled so the offered tokens are `--load` (default 80 %) of what the backends can decode per second (sum of
 slots / seconds-per-token). Each request is one SSE stream on a fresh connection, replayed at its time by
-`bench._loadgen` in its own process; time to first token is measured at the client, from connect to the first
+`emulation.loadgen` in its own process; time to first token is measured at the client, from connect to the first
 SSE event, so it includes queueing at the backend (beyond its slots) or in the balancer.
 
 Rows: NGINX `least_conn`, NGINX round robin (weighted), HAProxy `balance leastconn` and Forestall with their

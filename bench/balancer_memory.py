@@ -1,7 +1,7 @@
 """Memory a balancer holds per open stream and per MCP session, beside NGINX and HAProxy.
 
-Idle streams: emulated backends (`balancer.backend_emulator`) send the first token at once and the next an hour
-later, so each stream is open, past its headers, and idle. The load generator (`bench._loadgen idle`, its own
+Idle streams: emulated backends (`emulation.worker`) send the first token at once and the next an hour
+later, so each stream is open, past its headers, and idle. The load generator (`emulation.loadgen idle`, its own
 process) opens `--streams` of them through the balancer in two equal steps; the balancer's resident set (VmRSS of
 all its processes) is read before and after each step, and the figure is the growth per 1,000 streams.
 

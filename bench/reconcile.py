@@ -52,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT))
 
-from balancer import clock as clock_mod  # noqa: E402
+from contract import clock as clock_mod  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "azure_llm_2024_conv_invocations_10s.csv"
 START_S = 1_716_073_200.0

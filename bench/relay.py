@@ -1,7 +1,7 @@
 """Data-plane cost of the balancer beside NGINX and HAProxy: CPU per relayed chunk and added time to first byte.
 
-One run, the same emulated backends (`balancer.backend_emulator`, no queueing: slots far above the load,
-`ttft_s = 0` so the time to first byte is all transport), the same closed-loop load from `bench._loadgen` in its
+One run, the same emulated backends (`emulation.worker`, no queueing: slots far above the load,
+`ttft_s = 0` so the time to first byte is all transport), the same closed-loop load from `emulation.loadgen` in its
 own process: `concurrency` clients, each streaming about `--tokens` tokens (0.5x-1.5x, uniform) at `--seconds-per-token` back to back over a
 keep-alive connection. Measured for a direct connection (clients spread over the backends), NGINX `least_conn`,
 NGINX round robin, HAProxy `balance leastconn` and `forestall balancer`, one worker each.

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench import _record
-from controller import simulate, traces
+from emulation import simulate, traces
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TRACES = {

@@ -1,7 +1,7 @@
 """The cluster seam: what the controller reads from a cluster and the few things it does to one.
 
 Three implementations share this protocol: `controller.kube` (a real Kubernetes API server, through the
-official client), `controller.sim` (an in-memory cluster with start-up delays, for `forestall simulate`) and a
+official client), `emulation.sim` (an in-memory cluster with start-up delays, for `forestall simulate`) and a
 local one that starts real worker processes (for `forestall demo`). Tests use `tests.fakes.cluster`.
 
 State the controller needs between reconciles lives in the cluster, not in the controller's memory: a pod's
@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-DRAIN_ANNOTATION = "forestall.dev/drain"
-"""Set on a pod the controller wants to remove; the value is the Unix time the drain started. The balancer
-sends a pod so marked no new streams or sessions."""
+from contract import pod_annotations
+
+DRAIN_ANNOTATION = pod_annotations.DRAIN
+"""Set on a pod the controller wants to remove (the value is the drain's start time); see `contract.pod_annotations`."""
 
 DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 """The ReplicaSet removes pods with the lowest cost first on scale-down (Kubernetes >= 1.22)."""

@@ -144,7 +144,7 @@ async def _main(args: argparse.Namespace) -> None:
 
     from prometheus_client import start_http_server
 
-    from balancer import clock as clock_mod
+    from contract import clock as clock_mod
     from controller import demand, loop, metrics
     from controller.kube import api, lease
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from balancer import signals as signals_mod
+from contract import signals as signals_mod
 from controller import cluster, policy
 
 
@@ -96,7 +96,7 @@ class DemandHistory:
 
 @dataclass(frozen=True)
 class SignalsSnapshot:
-    """What all balancer replicas report now, merged per backend (`balancer.signals.merge`)."""
+    """What all balancer replicas report now, merged per backend (`contract.signals.merge`)."""
 
     time_s: float
     """Unix time of the oldest report that went into the merge."""

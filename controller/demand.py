@@ -8,7 +8,7 @@
   the cached history with its old `fetched_s` and says why in `error`, so `decide()` holds capacity once
   it is older than `demand.staleAfterSeconds`.
 - `fetch_signals` asks every balancer replica for `/signals` concurrently, each under a short timeout, and
-  merges the answers with `balancer.signals.merge` into a `decide.SignalsSnapshot`. Replicas that do not
+  merges the answers with `contract.signals.merge` into a `decide.SignalsSnapshot`. Replicas that do not
   answer, answer garbage, or answer with a report older than `staleAfterSeconds` are named in the snapshot's
   `unreachable` and in `errors`: the sums are then a lower bound, which `decide()` uses to scale up but never
   to scale down. The replica addresses come from the balancer Service's EndpointSlices (the kube module
@@ -45,7 +45,7 @@ from prometheus_api_client.exceptions import PrometheusApiClientException
 from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.util.retry import Retry
 
-from balancer import signals as signals_mod
+from contract import signals as signals_mod
 from controller import decide, forecasting, policy
 
 FloatArray = npt.NDArray[np.float64]

@@ -22,7 +22,7 @@ With leader election (`controller.kube.lease`), a replica that does not hold the
 warm and does nothing else: no reconcile, no status, no Events. It takes over within a lease duration of the
 leader stopping (at once when the leader released the Lease on SIGTERM).
 
-Time comes from an injected `balancer.clock.Clock`. Blocking Kubernetes calls run on worker threads.
+Time comes from an injected `contract.clock.Clock`. Blocking Kubernetes calls run on worker threads.
 
 What this module does not do: talk HTTP to Kubernetes itself (`controller.kube`), decide (`controller.decide`),
 or read Prometheus and the balancers (`DemandSource`, implemented by the demand layer).
@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 from controller import acting, cluster, decide, errors, metrics, policy
 from controller.kube import cluster as kube_cluster
 from controller.kube import lease, reporting

@@ -28,7 +28,7 @@ from typing import Any
 
 from kubernetes import client
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 from controller import cluster, errors, policy
 from controller.kube import api, informer, provisioners
 

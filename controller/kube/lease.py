@@ -2,7 +2,7 @@
 
 Why not `kubernetes.leaderelection` (the client's own elector with its `LeaseLock`): its `LeaderElection.run()`
 blocks forever in `time.sleep` loops reading `time.time()` directly, so it cannot take the injected clock
-that tests and the simulator use (`balancer.clock`), has no way to stop or to release the lease on SIGTERM
+that tests and the simulator use (`contract.clock`), has no way to stop or to release the lease on SIGTERM
 (a new leader then waits a whole lease duration), calls `sys.exit` on a bad configuration, and builds its
 `CoordinationV1Api()` on the process-global default configuration rather than the client we were given. The
 algorithm below is the same as client-go's and the client's (same Lease fields, so replicas running either
@@ -29,7 +29,7 @@ from typing import Any
 
 from kubernetes import client
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 from controller import errors
 from controller.kube import api
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kubernetes import client
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 from controller import errors, policy
 from controller.kube import api
 

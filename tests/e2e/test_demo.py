@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from controller import demo
+from emulation import demo
 
 
 def _children() -> set[int]:

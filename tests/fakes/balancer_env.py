@@ -18,10 +18,10 @@ import aiohttp
 from aiohttp import web
 
 from balancer import app as app_mod
-from balancer import backend_emulator
-from balancer import clock as clock_mod
 from balancer import config as config_mod
 from balancer.runtime import Balancer
+from contract import clock as clock_mod
+from emulation import worker as backend_emulator
 
 
 async def start_app(app: web.Application) -> tuple[web.AppRunner, str]:

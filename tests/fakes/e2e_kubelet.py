@@ -8,7 +8,7 @@ Deployment's replicas real: every `poll_s` it
    are deleted first, as the ReplicaSet controller does; which pods went, with the annotations they carried
    at that moment, is recorded in `removed`;
 2. walks each new pod through its life on the real clock, with the delays given: bound to the GPU node
-   (`PodScheduled`), container started (an in-process emulated GPU server, `balancer.backend_emulator`, on
+   (`PodScheduled`), container started (an in-process emulated GPU server, `emulation.worker`, on
    its own loopback port; the endpoint appears, not ready), then Ready after the model-load delay (the
    endpoint turns ready, so the balancer may send it streams);
 3. for each deleted pod, marks its endpoint `terminating` (the balancer drains it), records how many streams
@@ -37,8 +37,8 @@ from typing import Any
 
 from aiohttp import web
 
-from balancer import backend_emulator
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
+from emulation import worker as backend_emulator
 from tests.fakes import kube_api
 from tests.fakes.balancer_env import start_app
 

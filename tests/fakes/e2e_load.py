@@ -16,7 +16,7 @@ It also samples its own concurrency (streams open now) after every change, so a 
 reached a level without asking the system under test. Times come from the injected `Clock`'s
 `monotonic()`.
 
-What it does not do: replay traces (`controller.demo` does that), retry, or assert anything.
+What it does not do: replay traces (`emulation.demo` does that), retry, or assert anything.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 
 MAX_STREAMS = 2000
 """Streams one run may start at most: bounds a runaway profile (the e2e runs send a few hundred)."""

@@ -34,9 +34,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from balancer import app as app_mod
-from balancer import clock as clock_mod
 from balancer import config as config_mod
 from balancer.runtime import Balancer
+from contract import clock as clock_mod
 from controller import cluster, decide, demand, loop, metrics
 from controller.kube import api as kube_api_mod
 from dashboards import generate

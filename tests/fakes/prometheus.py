@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 import yaml
 
-from balancer.clock import SYSTEM
+from contract.clock import SYSTEM
 
 PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"

@@ -18,7 +18,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from balancer import backend_emulator, clock
+from contract import clock
+from emulation import worker as backend_emulator
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient[Any, Any]]]
 
@@ -244,7 +245,7 @@ async def test_a_client_that_leaves_frees_its_slot_for_the_next(aiohttp_client: 
 
 def test_cli_documents_every_option_and_rejects_bad_values() -> None:
     help_text = subprocess.run(
-        [sys.executable, "-m", "balancer.backend_emulator", "--help"],
+        [sys.executable, "-m", "emulation.worker", "--help"],
         capture_output=True,
         text=True,
         check=True,
@@ -254,7 +255,7 @@ def test_cli_documents_every_option_and_rejects_bad_values() -> None:
     parser = backend_emulator.build_parser()
     assert all(action.help for action in parser._actions)
     bad = subprocess.run(
-        [sys.executable, "-m", "balancer.backend_emulator", "--slots", "0"], capture_output=True, text=True
+        [sys.executable, "-m", "emulation.worker", "--slots", "0"], capture_output=True, text=True
     )
     assert bad.returncode == 2
     assert "expected an integer >= 1, got '0'" in bad.stderr
@@ -264,7 +265,7 @@ async def test_cli_serves_on_the_port_it_prints() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "balancer.backend_emulator",
+        "emulation.worker",
         "--listen",
         "127.0.0.1:0",
         "--slots",

@@ -8,8 +8,8 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from balancer import clock as clock_mod
-from balancer import signals
+from contract import clock as clock_mod
+from contract import signals
 from tests.fakes.balancer_env import (
     balancer,
     completion_body,

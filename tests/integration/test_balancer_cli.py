@@ -19,7 +19,7 @@ async def test_cli_serves_streams_and_stops_on_sigterm(tmp_path: Path) -> None:
         path = tmp_path / "backends.yaml"
         write_backends(path, [{"address": addrs[0], "weight": 1.5}])
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "controller.cli", "balancer",
+            sys.executable, "-m", "forestall.cli", "balancer",
             "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--backends-file", str(path),
             "--set", "idle_timeout_s=120",
             stderr=asyncio.subprocess.PIPE,
@@ -53,7 +53,7 @@ async def test_cli_serves_streams_and_stops_on_sigterm(tmp_path: Path) -> None:
 
 async def test_cli_invalid_configuration_exits_2_naming_the_field(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controller.cli", "balancer",
+        sys.executable, "-m", "forestall.cli", "balancer",
         "--backends-file", str(tmp_path / "b.yaml"), "--set", "connect_timeout_s=-3",
         stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip

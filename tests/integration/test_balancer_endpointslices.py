@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 from tests.fakes.balancer_env import balancer, completion_body, emulators, read_sse, wait_until
 from tests.fakes.kube_api import FakeKubeApi
 

@@ -8,7 +8,7 @@ import json
 import aiohttp
 from aiohttp import web
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 from tests.fakes.balancer_env import (
     balancer,
     completion_body,

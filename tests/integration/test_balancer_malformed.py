@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 from tests.fakes.balancer_env import (
     Running,
     balancer,

@@ -7,8 +7,8 @@ import json
 
 import aiohttp
 
-from balancer import clock as clock_mod
-from balancer import signals
+from contract import clock as clock_mod
+from contract import signals
 from tests.fakes.balancer_env import balancer, completion_body, emulators, fetch_json, read_sse, wait_until
 
 FAST = {"slots": 8, "ttft_s": 0.0, "seconds_per_token": 0.0}

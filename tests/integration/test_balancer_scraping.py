@@ -7,8 +7,8 @@ import asyncio
 
 import aiohttp
 
-from balancer import clock as clock_mod
 from balancer import scraping
+from contract import clock as clock_mod
 from tests.fakes.balancer_env import balancer, completion_body, emulators, start_app
 
 

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from balancer import backend_emulator
+from emulation import worker as backend_emulator
 from tests.fakes.balancer_env import balancer, completion_body, read_sse
 from tests.fakes.balancer_tls import make_pki
 

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from balancer import signals as sig
+from contract import signals as sig
 from controller import cluster, decide, demand, policy
 from tests.fakes.prometheus import per_backend, recorded_demand, running_prometheus
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from balancer import signals as sig
+from contract import signals as sig
 from controller import cluster, decide, demand, policy
 from tests.fakes.prometheus import free_port
 

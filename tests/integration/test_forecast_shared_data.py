@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from controller import cli
+from forestall import cli
 
 DATA = Path("/work/shared/data")
 FILES = sorted(p.name for p in DATA.glob("*.csv")) if DATA.is_dir() else []

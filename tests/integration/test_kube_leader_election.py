@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 from controller import decide, loop, metrics, policy
 from controller.kube import api as kube_api_mod
 from controller.kube import lease

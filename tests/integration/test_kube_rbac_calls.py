@@ -15,7 +15,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 from controller import loop, metrics
 from controller.kube import api as kube_api_mod
 from controller.kube import lease

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from controller import cluster, local, policy
+from controller import cluster, policy
+from emulation import local
 
 WORKER = local.WorkerSpec(slots=2, ttft_s=0.0, seconds_per_token=0.001)
 

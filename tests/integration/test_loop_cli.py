@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from controller import cli
+from forestall import cli
 from tests.conftest import ROOT
 from tests.fakes import kube_api
 from tests.fakes.kube_api import FakeKubeApi, eventually
@@ -54,7 +54,7 @@ async def test_controller_process_reconciles_holds_the_lease_and_stops_cleanly_o
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "controller.cli",
+            "forestall.cli",
             "controller",
             "--kubeconfig",
             str(kubeconfig),

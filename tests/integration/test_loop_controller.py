@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from balancer import clock as clock_mod
-from balancer import signals as signals_mod
+from contract import clock as clock_mod
+from contract import signals as signals_mod
 from controller import cluster, crd, decide, loop, metrics, policy
 from controller.kube import api as kube_api_mod
 from tests.fakes import crd_schema, kube_api

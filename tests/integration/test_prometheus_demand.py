@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from balancer.clock import SYSTEM
+from contract.clock import SYSTEM
 from controller import cluster, decide, demand, forecasting, policy
 from tests.fakes.prometheus import (
     PrometheusServer,

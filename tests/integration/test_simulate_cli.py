@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from controller import cli, traces
+from emulation import traces
+from forestall import cli
 from tests.conftest import SHARED_DATA
 
 POLICY_KEYS = {

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from balancer import clock as clock_mod
 from balancer import config as config_mod
 from balancer import health, reporting, scraping, sessions
 from balancer.config import BackendSpec
 from balancer.errors import ConfigError
 from balancer.runtime import Balancer
+from contract import clock as clock_mod
 
 
 def _balancer(n: int = 3, *, clock: clock_mod.FakeClock | None = None, **settings: object) -> Balancer:

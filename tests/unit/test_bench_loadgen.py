@@ -13,7 +13,8 @@ import sys
 
 import pytest
 
-from bench import _loadgen, _proxies, balance_quality
+from bench import _proxies, balance_quality
+from emulation import loadgen as _loadgen
 from tests.conftest import SHARED_DATA
 
 

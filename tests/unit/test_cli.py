@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from controller import cli, crd
+from controller import crd
+from forestall import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "manifests" / "examples" / "scalingpolicy-vllm.yaml"

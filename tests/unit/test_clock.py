@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from balancer import clock
+from contract import clock
 
 ROOT = Path(__file__).resolve().parents[2]
 BANNED = {
@@ -18,7 +18,7 @@ BANNED = {
     ("datetime", "now"),
     ("datetime", "utcnow"),
 }
-"""Calls that read the machine's clock; only balancer/clock.py may make them."""
+"""Calls that read the machine's clock; only contract/clock.py may make them."""
 
 
 def test_no_wall_clock_reads_outside_clock_module() -> None:
@@ -33,7 +33,7 @@ def test_no_wall_clock_reads_outside_clock_module() -> None:
                     name = owner.id if isinstance(owner, ast.Name) else getattr(owner, "attr", "")
                     if (name, node.func.attr) in BANNED:
                         offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} {name}.{node.func.attr}()")
-    assert offenders == [], "read time through balancer.clock instead"
+    assert offenders == [], "read time through contract.clock instead"
 
 
 async def test_fake_clock_wakes_sleepers_only_when_advanced() -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from balancer import signals as sig
+from contract import signals as sig
 from controller import cluster, decide, policy
 from tests.fakes.cluster import FakeCluster
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from balancer import signals as sig
-from balancer.clock import FakeClock
+from contract import signals as sig
+from contract.clock import FakeClock
 from controller import cluster, decide, policy
 from tests.fakes.cluster import FakeCluster
 from tests.unit.test_decide import SPR, make_spec

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller import cli
+from forestall import cli
 
 T0 = 1_700_006_400
 

@@ -34,7 +34,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from controller import cli, policy
+from controller import policy
+from forestall import cli
 from tests.fakes import crd_schema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -1107,7 +1108,9 @@ def test_dockerfile_build_context_builds_the_forestall_wheel(tmp_path: Path) -> 
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
-    assert "forestall = controller.cli:main" in entry_points
+    assert "forestall = forestall.cli:main" in entry_points
     assert "controller/_manifests/crd/scalingpolicies.forestall.dev.yaml" in names
-    for package in ("controller", "balancer", "forecast"):
+    for package in ("contract", "controller", "balancer", "forecast", "emulation", "forestall"):
         assert f"{package}/__init__.py" in names
+    # The lab ships in the wheel so `forestall simulate` and `forestall demo` work from it, bundled trace included.
+    assert "emulation/data/azure_llm_2024_conv_2days_30s.csv" in names

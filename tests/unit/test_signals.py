@@ -5,7 +5,7 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from balancer import signals
+from contract import signals
 
 
 def _backend(address: str, **kw: object) -> signals.BackendSignals:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from controller import cluster, policy, sim
+from controller import cluster, policy
+from emulation import sim
 
 START = 1_700_000_000.0
 

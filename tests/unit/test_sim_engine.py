@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from controller import sim_streams
+from emulation import streams as sim_streams
 
 
 def test_replay_gives_each_stream_the_earliest_free_slot_in_arrival_order() -> None:

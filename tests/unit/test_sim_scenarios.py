@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from controller import policy, simulate, traces
+from controller import policy
+from emulation import simulate, traces
 
 START = dt.datetime(2024, 5, 13, tzinfo=dt.UTC)
 TOKENS = 90

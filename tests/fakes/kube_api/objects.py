@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 
 Obj = dict[str, Any]
 

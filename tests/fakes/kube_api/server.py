@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 from tests.fakes import crd_schema
 from tests.fakes.kube_api.rest import (
     REASONS,

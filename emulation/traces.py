@@ -17,7 +17,7 @@ gap, as in the NASA trace) count as zero arrivals.
 generator, so every policy of a run sees exactly the same arrivals without holding millions of them in
 memory.
 
-What this module does not do: simulate anything (`controller.simulate`), or guess a column the header does
+What this module does not do: simulate anything (`emulation.simulate`), or guess a column the header does
 not make clear; then it raises a `ValueError` naming the columns it found.
 """
 
@@ -41,7 +41,7 @@ TOKEN_COLUMN_HINTS = ("generatedtokens", "outputtokens", "completiontokens", "to
 """Header names (lowercase, without `_`, `-` or spaces) that mark the output-token column of a request log."""
 
 BUNDLED_TRACE = "azure_llm_2024_conv_2days_30s.csv"
-"""Two weekdays of the Azure 2024 LLM conversation service, requests per 30 s (see controller/data/README)."""
+"""Two weekdays of the Azure 2024 LLM conversation service, requests per 30 s (see emulation/data/README)."""
 
 BUNDLED_TOKENS = "azure_llm_2023_conv_output_tokens.csv"
 """Histogram of output tokens per request of the Azure 2023 conversation trace (19,366 requests)."""
@@ -90,7 +90,7 @@ class Trace:
 
 def bundled_trace_path() -> Path:
     """The small real trace shipped in the package, used when `--trace` is not given."""
-    return Path(str(resources.files("controller") / "data" / BUNDLED_TRACE))
+    return Path(str(resources.files("emulation") / "data" / BUNDLED_TRACE))
 
 
 def read_trace(path: str | Path) -> Trace:
@@ -148,7 +148,7 @@ def read_trace(path: str | Path) -> Trace:
 
 def bundled_token_sample() -> FloatArray:
     """Output tokens per request of the bundled distribution, expanded (one entry per request)."""
-    text = (resources.files("controller") / "data" / BUNDLED_TOKENS).read_text()
+    text = (resources.files("emulation") / "data" / BUNDLED_TOKENS).read_text()
     rows = [line.split(",") for line in text.splitlines()[1:] if line.strip()]
     values = np.array([float(r[0]) for r in rows])
     weights = np.array([int(r[1]) for r in rows])

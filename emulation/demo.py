@@ -1,7 +1,7 @@
 """`forestall demo`: the whole system live on this machine, with real processes and real sockets.
 
 What runs: the real balancer (`forestall balancer`, a subprocess), emulated GPU inference servers as local
-processes (`controller.local.LocalCluster` starts and stops them with emulated node, pod-start and model-load
+processes (`emulation.local.LocalCluster` starts and stops them with emulated node, pod-start and model-load
 delays), the controller in local mode (this module: the same `forecasting` -> `decide()` -> `acting` path as
 the Kubernetes loop, with signals read from the balancer's real `/signals`), and a load generator replaying
 the bundled real trace as OpenAI-style streaming requests through the balancer. With `prometheus` on PATH it
@@ -46,9 +46,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
-from balancer import clock as clock_mod
-from balancer import signals as signals_mod
-from controller import acting, decide, forecasting, local, metrics, policy, simulate, traces
+from contract import clock as clock_mod
+from contract import signals as signals_mod
+from controller import acting, decide, forecasting, metrics, policy
+from emulation import local, simulate, traces
 
 HOST = "127.0.0.1"
 POLICY_LABELS = ("demo", "llm")
@@ -534,7 +535,7 @@ def _start_balancer(listen: int, admin: int, backends_file: Path, workdir: Path)
             [
                 sys.executable,
                 "-m",
-                "controller.cli",
+                "forestall.cli",
                 "balancer",
                 "--listen",
                 f"{HOST}:{listen}",

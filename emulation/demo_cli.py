@@ -1,4 +1,4 @@
-"""`forestall demo`: the live embedded default (see `controller.demo` for what runs and why)."""
+"""`forestall demo`: the live embedded default (see `emulation.demo` for what runs and why)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from controller import demo, simulate_cli
+    from emulation import demo, simulate_cli
 
     for name in ("duration", "time_scale", "peak_streams"):
         if not getattr(args, name) > 0:

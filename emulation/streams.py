@@ -10,11 +10,11 @@ the target of arriving and is not cut; one that waits longer than `QUEUE_TIMEOUT
 balancer's admission queue answers 503).
 
 The oracles serve every stream on arrival: `Oracle` records the most streams open in each second, from which
-`controller.simulate` bills `oracle` (each second's replicas) and `oracle-lead` (whole nodes, `forward_max`
+`emulation.simulate` bills `oracle` (each second's replicas) and `oracle-lead` (whole nodes, `forward_max`
 over the lead time).
 
-What this module does not do: decide capacity (`controller.simulate`'s runners) or model pods and nodes
-(`controller.sim`).
+What this module does not do: decide capacity (`emulation.simulate`'s runners) or model pods and nodes
+(`emulation.sim`).
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """`forestall simulate`: replay a demand trace through Forestall, reactive autoscaling and the oracles.
 
 Runs with no cluster and no network. Without `--trace` it replays the small real trace bundled in the package
-(two weekdays of the Azure 2024 LLM conversation service, see `controller/data/README.md`). It prints one
+(two weekdays of the Azure 2024 LLM conversation service, see `emulation/data/README.md`). It prints one
 table row per policy (or `--json`), and `--plot` draws demand, Forestall's forecast, each policy's Ready
 capacity and its SLO misses over time.
 
-The engine is `controller.simulate`; this module only parses options, shows progress and renders results.
+The engine is `emulation.simulate`; this module only parses options, shows progress and renders results.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from controller import policy, simulate
+    from controller import policy
+    from emulation import simulate
 
 BASELINES = ("reactive", "reactive-ca")
 """Policies `--compare` may name; Forestall and the two oracles always run."""
@@ -76,7 +77,8 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from controller import errors, simulate, traces
+    from controller import errors
+    from emulation import simulate, traces
 
     try:
         trace = traces.read_trace(args.trace if args.trace is not None else traces.bundled_trace_path())
@@ -143,8 +145,8 @@ def _run_with_progress(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from balancer import clock
-    from controller import simulate
+    from contract import clock
+    from emulation import simulate
 
     console = Console(stderr=True)
     show = not quiet and console.is_terminal and trace.duration_s > PROGRESS_MIN_S

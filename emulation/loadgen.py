@@ -1,6 +1,6 @@
 """The benchmarks' load generator: SSE streaming clients cheap enough not to be what is measured.
 
-It runs in its own process (`python -m bench._loadgen SPEC_JSON`), on uvloop when installed, with raw asyncio
+It runs in its own process (`python -m emulation.loadgen SPEC_JSON`), on uvloop when installed, with raw asyncio
 protocols: a read counts `data: ` events with one `bytes.count` and looks at the last bytes for the end of the
 chunked body; nothing is parsed per token. The benchmark scripts drive it through stdout lines of JSON, so they
 can read the proxies' CPU counters exactly when the measurement window opens and closes.
@@ -147,6 +147,12 @@ class _Conn(asyncio.Protocol):
             waiter.set_result(Outcome(ok, ttfb, self._events, self._backend, error))
 
 
+def _address(pair: Any) -> tuple[str, int]:
+    """A (host, port) target from the JSON spec (a two-element list)."""
+    host, port = pair
+    return str(host), int(port)
+
+
 async def _connect(host: str, port: int, totals: Totals) -> _Conn:
     loop = asyncio.get_running_loop()
     _, conn = await loop.create_connection(lambda: _Conn(totals, loop), host, port)
@@ -189,7 +195,7 @@ class _Window:
 
 async def _closed(spec: dict[str, Any]) -> dict[str, Any]:
     totals = Totals()
-    targets = [tuple(t) for t in spec["targets"]]
+    targets = [_address(t) for t in spec["targets"]]
     low, high = spec.get("max_tokens_range") or (spec["max_tokens"], spec["max_tokens"])
     lengths = sorted({round(low + (high - low) * k / 20) for k in range(21)})
     requests = [
@@ -210,7 +216,7 @@ async def _closed(spec: dict[str, Any]) -> dict[str, Any]:
             if window.stop:
                 break
             request = rng.choice(requests)
-            outcome, conn, started = await _one_stream(conn, target, request, totals)  # type: ignore[arg-type]
+            outcome, conn, started = await _one_stream(conn, target, request, totals)
             if conn is not None:
                 live.add(conn)
             if not window.start <= started < window.end:
@@ -253,13 +259,13 @@ async def _closed(spec: dict[str, Any]) -> dict[str, Any]:
 async def _replay(spec: dict[str, Any]) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     totals = Totals()
-    target = tuple(spec["target"])
+    target = _address(spec["target"])
     arrivals = spec["arrivals"]
     results: list[dict[str, Any]] = [{} for _ in arrivals]
 
     async def one(k: int, max_tokens: int) -> None:
         request = request_bytes(max_tokens=max_tokens, keep_alive=False)
-        outcome, conn, _ = await _one_stream(None, target, request, totals, want_backend=True)  # type: ignore[arg-type]
+        outcome, conn, _ = await _one_stream(None, target, request, totals, want_backend=True)
         if conn is not None and conn.transport is not None:
             conn.transport.close()
         ok = outcome.ok and outcome.events == max_tokens + 1
@@ -280,13 +286,13 @@ async def _replay(spec: dict[str, Any]) -> dict[str, Any]:
 async def _idle(spec: dict[str, Any]) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     totals = Totals()
-    target = tuple(spec["target"])
+    target = _address(spec["target"])
     request = request_bytes(max_tokens=2, keep_alive=True)
     conns: list[_Conn] = []
     failed = 0
     for _ in range(int(spec["count"])):
         try:
-            conn = await _connect(*target, totals)  # type: ignore[misc]
+            conn = await _connect(*target, totals)
         except OSError:
             failed += 1
             continue

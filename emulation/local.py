@@ -1,6 +1,6 @@
 """A `Cluster` made of real worker processes on this machine, for `forestall demo`.
 
-Each replica is an emulated GPU inference server (`python -m balancer.backend_emulator`) on a loopback port.
+Each replica is an emulated GPU inference server (`python -m emulation.worker`) on a loopback port.
 Nodes and lead times are emulated with delays: a replica waits for a free GPU on a node, a new node takes
 the policy's `node_provisioning_s` to appear, the process is started `pod_start_s` after the pod is
 scheduled, and it turns Ready `model_load_s` after its port answers. Delays get seeded jitter, so the
@@ -330,7 +330,7 @@ class LocalCluster:
             [
                 sys.executable,
                 "-m",
-                "balancer.backend_emulator",
+                "emulation.worker",
                 "--listen",
                 f"{self.host}:{pod.port}",
                 "--slots",

@@ -1,7 +1,7 @@
 """`forestall simulate`'s engine: replay a demand trace through Forestall and the autoscalers it replaces.
 
 Every policy of a run sees the same streams (same arrival times, same lengths) on its own simulated cluster
-(`controller.sim.SimCluster`), ticking at the controller's reconcile interval (15 s):
+(`emulation.sim.SimCluster`), ticking at the controller's reconcile interval (15 s):
 
 - `forestall`: the real `controller.decide.decide()` every tick, fed the demand history the policy's PromQL
   would return (the tick samples' maximum per forecast step), the forecast of its peak over the lead time
@@ -20,7 +20,7 @@ Every policy of a run sees the same streams (same arrival times, same lengths) o
   stream on arrival; they are computed from the demand, not simulated.
 
 The streams themselves (the FIFO queue over stream slots, placement with the balancer's picker, the SLO and
-the oracles' demand) are `controller.sim_streams`; this module runs the policies and the clock.
+the oracles' demand) are `emulation.streams`; this module runs the policies and the clock.
 
 What it does not do: model prefill, per-token decode contention, sessions, or node failures; it reports
 GPU-hours of whole nodes from request to release.
@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from balancer import signals as signals_mod
-from controller import cluster, decide, forecasting, policy, sim, traces
-from controller import sim_streams as streams
+from contract import signals as signals_mod
+from controller import cluster, decide, forecasting, policy
+from emulation import sim, streams, traces
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]

@@ -20,8 +20,8 @@ COMMAND_MODULES = ("controller.policy_cli",)
 
 OPTIONAL_COMMAND_MODULES = (
     "controller.controller_cli",
-    "controller.simulate_cli",
-    "controller.demo_cli",
+    "emulation.simulate_cli",
+    "emulation.demo_cli",
     "balancer.cli",
     "forecast.cli",
 )

@@ -12,7 +12,7 @@ Why it is built this way: benchmarks drive it at thousands of chunks per second 
 per-token path is one pre-encoded `bytes` write and one sleep towards an absolute deadline (no JSON encoding, no
 metric update, no logging per token; pacing to deadlines keeps the token rate right when the loop is late). The
 gauges are read from the slot gate when `/metrics` is scraped instead of being updated per request. Time comes
-from a `balancer.clock.Clock`, so tests drive it with `FakeClock.advance()` instead of sleeping.
+from a `contract.clock.Clock`, so tests drive it with `FakeClock.advance()` instead of sleeping.
 
 What it does not do: tokenize, look at prompts (every token is the text " tok"), emulate KV-cache preemption,
 prefix caching or speculative decoding, or authenticate. It is a test and benchmark fixture, not a model server.
@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from balancer import clock as clock_mod
+from contract import clock as clock_mod
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's legacy completions default; used for both endpoints when the request names no limit."""
@@ -424,7 +424,7 @@ def _positive_int(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m balancer.backend_emulator",
+        prog="python -m emulation.worker",
         description="Run an emulated GPU inference server (OpenAI-compatible SSE, vLLM metrics) on loopback.",
     )
     parser.add_argument(
