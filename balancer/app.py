@@ -1,7 +1,7 @@
 """Wiring: the proxy app, the admin app, their background tasks, and serving them on sockets.
 
 `create_apps(config)` builds both aiohttp applications around one `runtime.Balancer`; `create_app(config)` is
-the proxy app alone (the admin app hangs off it under `ADMIN_APP`), as notes/contracts.md promises. `serve()`
+the proxy app alone (the admin app hangs off it under `ADMIN_APP`), which the tests and the demo rely on. `serve()`
 starts both listeners (TLS when configured; mutual TLS when a client CA is given), with aiohttp's handler
 cancellation on, so a client that disconnects while we wait on a backend releases its lease at once.
 

@@ -1,7 +1,7 @@
 """Prometheus metrics of the balancer, read from the live state at scrape time.
 
 One custom collector turns the pool's plain counters and gauges into the metric names fixed in
-notes/contracts.md (dashboards depend on them), so a stream costs integer additions, not metric-object calls,
+`dashboards/generate.py` queries (dashboards depend on them), so a stream costs integer additions, not metric-object calls,
 and the figures can never disagree with `/signals`. The only label is `backend` (its address) plus `reason` on
 failures and `state` on the state gauge, all small fixed sets.
 

@@ -9,9 +9,9 @@ Set-up, per policy count N (each in fresh processes, so memory figures do not mi
   off here (`--validate` turns it on): validating with CEL and kubernetes-validate costs the fake server
   more than the controller's whole reconcile, and it is not part of what a real API server would charge the
   controller;
-- the controller (`controller.loop.Controller` with the real `KubeCluster`, `decide()` and the demand layer's
-  `controller.demand.PolicyDemand` + `controller.forecasting`) runs in this benchmark's child process,
-  pinned to ONE CPU with `sched_setaffinity`;
+- the controller (`controller.loop.Controller` with the real `KubeCluster`, its pipeline's `decide()` and
+  `controller.forecasting`, and the demand layer's `controller.demand.registry.PolicyDemand`) runs in this
+  benchmark's child process, pinned to ONE CPU with `sched_setaffinity`;
 - demand history is the real Azure LLM 2024 conversation trace (`/work/shared/data/
   azure_llm_2024_conv_invocations_10s.csv`, requests per 10 s), summed per minute and turned into concurrent
   streams by Little's law (mean stream 6.5 s: ~211 generated tokens at 30 ms each plus time to first
@@ -123,14 +123,14 @@ class RecordedDemands:
         self._by_key: dict[tuple[str, str], Any] = {}
 
     def _history(self, spec: Any, index: int) -> Any:
-        from controller import demand
+        from controller.demand import prometheus
 
         rng = np.random.default_rng(index)
         share, offset_s = rng.uniform(0.05, 0.15), float(rng.integers(0, 24)) * 3600.0
         t0, v, week_s = float(self.t[0]), self.v, self.week_s
         prom = spec.demand.prometheus
 
-        class Recorded(demand.PrometheusHistory):
+        class Recorded(prometheus.PrometheusHistory):
             def _query(self, start: float, n: int) -> np.ndarray:
                 stamps = start + self.step_s * np.arange(n)
                 idx = (np.round(((stamps - offset_s - t0) % week_s) / 60.0).astype(int)) % v.size
@@ -139,17 +139,16 @@ class RecordedDemands:
 
         return Recorded(prom.url, prom.query, step_s=spec.forecast.step_s, history_s=spec.forecast.history_s)
 
-    async def read(self, scaling_policy: Any, *, now: float, horizon_s: float) -> tuple[Any, Any]:
-        from controller import demand
+    async def read(self, scaling_policy: Any, *, now: float) -> Any:
+        from controller.demand import registry
 
         key = (scaling_policy.metadata.namespace, scaling_policy.metadata.name)
         pd = self._by_key.get(key)
         if pd is None:
-            pd = demand.PolicyDemand(scaling_policy.spec)
+            pd = registry.PolicyDemand(scaling_policy.spec)
             pd.prometheus_ = self._history(scaling_policy.spec, int(key[1].rsplit("-", 1)[1]))
             self._by_key[key] = pd
-        reading = await pd.read(now, horizon_s=horizon_s)
-        return reading.history, reading.signals
+        return await pd.read(now)
 
 
 def cpu_s() -> float:

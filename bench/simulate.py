@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from bench import _record
-from emulation import simulate, traces
+from emulation import results, simulate, traces
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 TRACES = {
@@ -35,7 +35,7 @@ TRACES = {
 
 def run_one(
     key: str, *, peak_streams: float, seed: int, days: float | None, start_day: float = 0.0
-) -> tuple[simulate.SimResult, float, float]:
+) -> tuple[results.SimResult, float, float]:
     path = TRACES[key][1]
     trace = traces.read_trace(path)
     if (days is not None or start_day) and trace.counts is not None:
@@ -65,7 +65,7 @@ def run_one(
     return result, wall, cpu
 
 
-def table(key: str, result: simulate.SimResult, wall: float, cpu: float) -> str:
+def table(key: str, result: results.SimResult, wall: float, cpu: float) -> str:
     title = TRACES[key][0]
     data = result.to_json()
     pols = data["policies"]

@@ -8,49 +8,144 @@ The order matters and is the same for every cluster (Kubernetes, simulated, loca
 4. provisioned GPUs, then replicas through the scale subresource, last, once the pods are marked.
 
 Only what differs from the snapshot the plan was made from is written: applying the same plan twice changes
-nothing, and a reconcile that decides nothing new makes no API calls.
+nothing, and a reconcile that decides nothing new makes no API calls. What was written comes back as typed
+`Action`s (one dataclass per kind, `str()` gives the log line), so callers ask `isinstance(a, Scale)` instead
+of parsing text.
 
 What this module does not do: decide (`controller.decide`) or know which cluster it talks to.
 """
 
 from __future__ import annotations
 
+import enum
+from dataclasses import dataclass
+
 from controller import cluster, decide
+
+
+class ActionKind(enum.StrEnum):
+    """What an `Action` changed; the value is the verb of its log line."""
+
+    DRAIN = "drain"
+    UNDRAIN = "undrain"
+    DO_NOT_DISRUPT = "do-not-disrupt"
+    ALLOW_DISRUPT = "allow-disrupt"
+    DELETION_COST = "deletion-cost"
+    PROVISION = "provision"
+    SCALE = "scale"
+
+
+@dataclass(frozen=True)
+class Drain:
+    """The drain mark (`DRAIN_ANNOTATION`, stamped with the time) was set on `pod`."""
+
+    pod: str
+    kind: ActionKind = ActionKind.DRAIN
+
+    def __str__(self) -> str:
+        return f"drain {self.pod}"
+
+
+@dataclass(frozen=True)
+class Undrain:
+    """The drain mark was removed from `pod`: it serves new streams again."""
+
+    pod: str
+    kind: ActionKind = ActionKind.UNDRAIN
+
+    def __str__(self) -> str:
+        return f"undrain {self.pod}"
+
+
+@dataclass(frozen=True)
+class DoNotDisrupt:
+    """`karpenter.sh/do-not-disrupt` was set (`keep`) or removed on `pod`."""
+
+    pod: str
+    keep: bool
+
+    @property
+    def kind(self) -> ActionKind:
+        return ActionKind.DO_NOT_DISRUPT if self.keep else ActionKind.ALLOW_DISRUPT
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.pod}"
+
+
+@dataclass(frozen=True)
+class DeletionCost:
+    """`controller.kubernetes.io/pod-deletion-cost` was set to `cost` on `pod`."""
+
+    pod: str
+    cost: int
+    kind: ActionKind = ActionKind.DELETION_COST
+
+    def __str__(self) -> str:
+        return f"deletion-cost {self.pod}={self.cost}"
+
+
+@dataclass(frozen=True)
+class Provision:
+    """The provisioner was asked to hold `gpus` GPUs ahead of demand (it held `previous`)."""
+
+    gpus: int
+    previous: int
+    kind: ActionKind = ActionKind.PROVISION
+
+    def __str__(self) -> str:
+        return f"provision {self.gpus} GPUs"
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The target's replicas were set from `previous` to `replicas` through the scale subresource."""
+
+    previous: int
+    replicas: int
+    kind: ActionKind = ActionKind.SCALE
+
+    def __str__(self) -> str:
+        return f"scale {self.previous} -> {self.replicas}"
+
+
+Action = Drain | Undrain | DoNotDisrupt | DeletionCost | Provision | Scale
+"""One change `apply_plan` made, in the order it made them."""
 
 
 def apply_plan(
     c: cluster.Cluster, plan: decide.Plan, state: cluster.ClusterState, *, now: float
-) -> list[str]:
-    """Make `plan` true on `c`, given the `state` it was decided from; returns what was done, one line each."""
-    done: list[str] = []
+) -> list[Action]:
+    """Make `plan` true on `c`, given the `state` it was decided from; returns what was done, in order."""
+    done: list[Action] = []
     pods = {p.name: p for p in state.pods}
     stamp = f"{now:.0f}"
     for name in plan.drain:
         if name in pods and pods[name].drain_started_s is None:
             c.annotate(name, {cluster.DRAIN_ANNOTATION: stamp})
-            done.append(f"drain {name}")
+            done.append(Drain(name))
     for name in plan.undrain:
         if name in pods and cluster.DRAIN_ANNOTATION in pods[name].annotations:
             c.annotate(name, {cluster.DRAIN_ANNOTATION: None})
-            done.append(f"undrain {name}")
+            done.append(Undrain(name))
     for name, keep in plan.do_not_disrupt.items():
-        if name not in pods:
+        pod = pods.get(name)
+        if pod is None:
             continue
-        has = pods[name].annotations.get(cluster.DO_NOT_DISRUPT_ANNOTATION) == "true"
+        has = pod.annotations.get(cluster.DO_NOT_DISRUPT_ANNOTATION) == "true"
         if keep and not has:
             c.annotate(name, {cluster.DO_NOT_DISRUPT_ANNOTATION: "true"})
-            done.append(f"do-not-disrupt {name}")
+            done.append(DoNotDisrupt(name, keep=True))
         elif not keep and has:
             c.annotate(name, {cluster.DO_NOT_DISRUPT_ANNOTATION: None})
-            done.append(f"allow-disrupt {name}")
+            done.append(DoNotDisrupt(name, keep=False))
     for name, cost in plan.deletion_cost.items():
         if name in pods and pods[name].annotations.get(cluster.DELETION_COST_ANNOTATION) != str(cost):
             c.annotate(name, {cluster.DELETION_COST_ANNOTATION: str(cost)})
-            done.append(f"deletion-cost {name}={cost}")
+            done.append(DeletionCost(name, cost))
     if plan.provision_gpus != state.provisioned_gpus:
         c.provision(plan.provision_gpus)
-        done.append(f"provision {plan.provision_gpus} GPUs")
+        done.append(Provision(plan.provision_gpus, previous=state.provisioned_gpus))
     if plan.desired_replicas != state.spec_replicas:
         c.set_replicas(plan.desired_replicas)
-        done.append(f"scale {state.spec_replicas} -> {plan.desired_replicas}")
+        done.append(Scale(state.spec_replicas, plan.desired_replicas))
     return done

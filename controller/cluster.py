@@ -1,7 +1,7 @@
 """The cluster seam: what the controller reads from a cluster and the few things it does to one.
 
-Three implementations share this protocol: `controller.kube` (a real Kubernetes API server, through the
-official client), `emulation.sim` (an in-memory cluster with start-up delays, for `forestall simulate`) and a
+Three implementations share this protocol: `controller.kube.cluster` (a real Kubernetes API server, through
+the official client), `emulation.sim` (an in-memory cluster with start-up delays, for `forestall simulate`) and a
 local one that starts real worker processes (for `forestall demo`). Tests use `tests.fakes.cluster`.
 
 State the controller needs between reconciles lives in the cluster, not in the controller's memory: a pod's
@@ -97,6 +97,13 @@ class ClusterState:
 
     measured_model_load_s: float | None = None
     """Median measured container running -> Ready, None until measured."""
+
+    lead_time_samples: int = 0
+    """Observations behind the measured lead times (reported in status)."""
+
+    deletion_cost_overwrites: Mapping[str, str] = field(default_factory=dict)
+    """Pod -> the deletion cost found where the controller had written another (another controller manages
+    it); empty when none, and always for clusters where nothing else writes pod annotations."""
 
     @property
     def ready_replicas(self) -> int:

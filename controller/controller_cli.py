@@ -145,7 +145,8 @@ async def _main(args: argparse.Namespace) -> None:
     from prometheus_client import start_http_server
 
     from contract import clock as clock_mod
-    from controller import demand, loop, metrics
+    from controller import loop, metrics
+    from controller.demand import registry
     from controller.kube import api, lease
 
     api_client = api.load_client(
@@ -171,7 +172,7 @@ async def _main(args: argparse.Namespace) -> None:
             retry_period_s=args.retry_period_s,
         )
     holder: list[loop.Controller] = []
-    demands = demand.Demands(balancer_endpoints=lambda ns, svc: holder[0].caches.service_addresses(ns, svc))
+    demands = registry.Demands(balancer_endpoints=lambda ns, svc: holder[0].caches.service_addresses(ns, svc))
     controller = loop.Controller(
         api_client,
         demand=demands,

@@ -1,14 +1,14 @@
-"""The decision, as one pure function: `decide(policy, now, history, signals, cluster_state) -> Plan`.
+"""The decision, as one pure function: `decide(spec, now, history=, forecast=, signals=, state=) -> Plan`.
 
-No I/O and no clock: time is the `now` argument, demand history and its forecast come in `history`, what the
-balancer sees now comes in `signals`, and the cluster comes as a snapshot. The live controller, the simulator
+No I/O and no clock: time is the `now` argument, the demand history comes in `history`, the forecast of its
+peak in `forecast`, what the balancer sees now in `signals`, and the cluster as a snapshot in `state`. The live controller, the simulator
 and the tests all run this same code, at every reconcile, so it stays cheap (no fitting, one binary search
 into the history, a few passes over the pods).
 
-The forecast itself is computed by the caller (the loop or the simulator fits and updates a
-`forecast` model and passes the peak quantile over the horizon in `history.forecast`), because fitting is the
-expensive part and the caller can cache it across reconciles; `decide` only reads it. `horizon_s()` tells the
-caller which horizon to forecast.
+The forecast itself is computed by the caller (`controller.pipeline` fits and updates a `forecast` model
+through `controller.forecasting` and passes the peak quantile over the horizon as `forecast`), because fitting
+is the expensive part and the caller can cache it across reconciles; `decide` only reads it and judges its
+freshness. `horizon_s()` tells the caller which horizon to forecast.
 
 How it decides (every branch adds a `Reason`):
 
@@ -50,6 +50,7 @@ or the simulator apply the `Plan`). Hot backends that are not session-bound are 
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -80,7 +81,7 @@ class PeakForecast:
 
 @dataclass(frozen=True)
 class DemandHistory:
-    """Concurrent-stream demand at a fixed step, newest last, plus the caller's forecast of its peak."""
+    """Concurrent-stream demand at a fixed step, newest last."""
 
     step_s: float
     timestamps: npt.NDArray[np.float64]
@@ -89,7 +90,6 @@ class DemandHistory:
     values: npt.NDArray[np.float64]
     """Concurrent streams at each timestamp; NaN where missing."""
 
-    forecast: PeakForecast | None = None
     fetched_s: float | None = None
     """Unix time the history was last read successfully (None: never); old means Prometheus is gone."""
 
@@ -113,11 +113,46 @@ class SignalsSnapshot:
         return sum(b.active_streams for b in self.backends.values())
 
 
+class ReasonCode(enum.StrEnum):
+    """Every code a `Reason` can carry: CamelCase strings for Events, conditions and the metrics' `reason` label.
+
+    A closed set (mypy checks each use), so the metrics label stays bounded and a typo is a type error.
+    """
+
+    REACTIVE_FLOOR = "ReactiveFloor"
+    FORECAST_PEAK = "ForecastPeak"
+    HOTSPOT_CAPACITY = "HotspotCapacity"
+    CLAMPED_TO_MIN = "ClampedToMin"
+    CLAMPED_TO_MAX = "ClampedToMax"
+    SCALE_UP = "ScaleUp"
+    UNDRAIN = "Undrain"
+    SCALE_DOWN = "ScaleDown"
+    STABILIZATION_WINDOW = "StabilizationWindow"
+    SCALE_DOWN_RATE_LIMITED = "ScaleDownRateLimited"
+    DRAIN_WAITING = "DrainWaiting"
+    DRAIN_COMPLETE = "DrainComplete"
+    DRAIN_TIMEOUT = "DrainTimeout"
+    STEADY = "Steady"
+    HISTORY_MISSING = "HistoryMissing"
+    HISTORY_STALE = "HistoryStale"
+    FORECAST_MISSING = "ForecastMissing"
+    FORECAST_STALE = "ForecastStale"
+    SIGNALS_MISSING = "SignalsMissing"
+    SIGNALS_STALE = "SignalsStale"
+    SIGNALS_INCOMPLETE = "SignalsIncomplete"
+    HOLDING_CAPACITY = "HoldingCapacity"
+
+    @property
+    def missing_data(self) -> bool:
+        """True for the codes that say an input was missing, stale or incomplete (capacity is then held)."""
+        return self.value.endswith(("Missing", "Stale", "Incomplete"))
+
+
 @dataclass(frozen=True)
 class Reason:
-    """Why a plan is what it is: a CamelCase code (for events, conditions, metrics) and a sentence."""
+    """Why a plan is what it is: a code (for events, conditions, metrics) and a sentence."""
 
-    code: str
+    code: ReasonCode
     message: str
 
 
@@ -170,43 +205,13 @@ _EPS = 1e-9
 _INT32_MIN = -(2**31)
 """Lowest value `controller.kubernetes.io/pod-deletion-cost` accepts (it is an int32)."""
 
-REASON_CODES: tuple[str, ...] = (
-    "ReactiveFloor",
-    "ForecastPeak",
-    "HotspotCapacity",
-    "ClampedToMin",
-    "ClampedToMax",
-    "ScaleUp",
-    "Undrain",
-    "ScaleDown",
-    "StabilizationWindow",
-    "ScaleDownRateLimited",
-    "DrainWaiting",
-    "DrainComplete",
-    "DrainTimeout",
-    "Steady",
-    "HistoryMissing",
-    "HistoryStale",
-    "ForecastMissing",
-    "ForecastStale",
-    "SignalsMissing",
-    "SignalsStale",
-    "SignalsIncomplete",
-    "HoldingCapacity",
-)
+REASON_CODES: tuple[ReasonCode, ...] = tuple(ReasonCode)
 """Every `Reason.code` a plan can carry (fixed, so metrics can label by it without unbounded cardinality)."""
 
-_NOT_STEADY = frozenset(
-    {
-        "ScaleUp",
-        "Undrain",
-        "ScaleDown",
-        "HoldingCapacity",
-        "StabilizationWindow",
-        "ScaleDownRateLimited",
-        "DrainWaiting",
-    }
+_MOVING = frozenset(
+    {ReasonCode.SCALE_UP, ReasonCode.UNDRAIN, ReasonCode.SCALE_DOWN, ReasonCode.HOLDING_CAPACITY}
 )
+"""Codes of a plan that changes serving capacity; a plan with none of them (and no removal) is `Steady`."""
 
 _PHASE_RANK = {"pending": 0, "starting": 1, "ready": 2, "terminating": 3}
 """Cheapest pods to lose first: pending ones serve nothing and may be holding a node request open."""
@@ -258,19 +263,21 @@ class _Inputs:
 def decide(
     spec: policy.ScalingPolicySpec,
     now: float,
+    *,
     history: DemandHistory | None,
+    forecast: PeakForecast | None,
     signals: SignalsSnapshot | None,
     state: cluster.ClusterState,
 ) -> Plan:
     """Decide replicas, pre-provisioned GPUs, drains and annotations for one policy at time `now`.
 
     History is required whatever its source (the stabilization window is read from it; a controller
-    without Prometheus builds it from the signals it collects), its forecast too, and signals when the policy
-    names a balancer. See the module docstring for the rules.
+    without Prometheus builds it from the signals it collects), the forecast of its peak over `horizon_s()`
+    too, and signals when the policy names a balancer. See the module docstring for the rules.
     """
     spr = spec.capacity.streams_per_replica
     lo, hi = spec.replicas.min, spec.replicas.max
-    inputs = _read_inputs(spec, now, history, signals)
+    inputs = _read_inputs(spec, now, history, forecast, signals)
     reasons: list[Reason] = []
 
     # What should serve, before stabilization.
@@ -278,7 +285,7 @@ def decide(
     if inputs.observed is not None:
         reasons.append(
             Reason(
-                "ReactiveFloor",
+                ReasonCode.REACTIVE_FLOOR,
                 f"current demand of {inputs.observed:g} streams needs {inputs.floor_replicas} replicas "
                 f"at {spr} streams each",
             )
@@ -286,7 +293,7 @@ def decide(
     hot = _hotspot_replicas(signals, inputs, spr)
     if hot is not None and hot[0] > wanted:
         wanted = hot[0]
-        reasons.append(Reason("HotspotCapacity", hot[1]))
+        reasons.append(Reason(ReasonCode.HOTSPOT_CAPACITY, hot[1]))
     full_peak_replicas = 0
     if inputs.forecast is not None:
         fc = inputs.forecast
@@ -302,7 +309,7 @@ def decide(
             wanted = peak_replicas
             reasons.append(
                 Reason(
-                    "ForecastPeak",
+                    ReasonCode.FORECAST_PEAK,
                     f"forecast q{fc.quantile:g} peak of {fc.value:g} streams {horizon_note} needs "
                     f"{peak_replicas} replicas",
                 )
@@ -324,7 +331,7 @@ def decide(
         new_pods = held - state.spec_replicas
         reasons.append(
             Reason(
-                "HoldingCapacity",
+                ReasonCode.HOLDING_CAPACITY,
                 f"demand data incomplete: holding {held} replicas (no drains, no removals"
                 + (f", {len(undrain)} drained pods returned to service" if undrain else "")
                 + ")",
@@ -349,10 +356,14 @@ def decide(
         new_pods = deficit - len(undrain)
         if undrain:
             reasons.append(
-                Reason("Undrain", f"demand came back: returning {len(undrain)} draining pods to service")
+                Reason(
+                    ReasonCode.UNDRAIN, f"demand came back: returning {len(undrain)} draining pods to service"
+                )
             )
         if new_pods:
-            reasons.append(Reason("ScaleUp", f"scaling up from {serving_now} to {target} serving replicas"))
+            reasons.append(
+                Reason(ReasonCode.SCALE_UP, f"scaling up from {serving_now} to {target} serving replicas")
+            )
     else:
         drain = _scale_down(
             spec,
@@ -373,11 +384,10 @@ def decide(
         remove = _removable(spec, now, kept_draining, inputs, reasons)
 
     desired = state.spec_replicas + new_pods - len(remove)
-    if (
-        not any(r.code in {"ScaleUp", "Undrain", "ScaleDown", "HoldingCapacity"} for r in reasons)
-        and not remove
-    ):
-        reasons.append(Reason("Steady", f"{serving_now} serving replicas cover demand and the forecast"))
+    if not any(r.code in _MOVING for r in reasons) and not remove:
+        reasons.append(
+            Reason(ReasonCode.STEADY, f"{serving_now} serving replicas cover demand and the forecast")
+        )
 
     return Plan(
         desired_replicas=desired,
@@ -397,7 +407,11 @@ def decide(
 
 
 def _read_inputs(
-    spec: policy.ScalingPolicySpec, now: float, history: DemandHistory | None, signals: SignalsSnapshot | None
+    spec: policy.ScalingPolicySpec,
+    now: float,
+    history: DemandHistory | None,
+    peak: PeakForecast | None,
+    signals: SignalsSnapshot | None,
 ) -> _Inputs:
     """Judge each input fresh or not and take the current demand from the fresh ones."""
     stale_s = spec.demand.stale_after_s
@@ -407,11 +421,13 @@ def _read_inputs(
 
     last_ts: float | None = None
     if history is None or history.values.size == 0:
-        missing.append(Reason("HistoryMissing", "no demand history has been read yet"))
+        missing.append(Reason(ReasonCode.HISTORY_MISSING, "no demand history has been read yet"))
     else:
         i = _last_finite(history.values)
         if i is None:
-            missing.append(Reason("HistoryMissing", "the demand history holds no samples (all missing)"))
+            missing.append(
+                Reason(ReasonCode.HISTORY_MISSING, "the demand history holds no samples (all missing)")
+            )
         else:
             last_ts = float(history.timestamps[i])
             fetched = history.fetched_s if history.fetched_s is not None else last_ts
@@ -419,28 +435,29 @@ def _read_inputs(
             if now - fetched > stale_s:
                 missing.append(
                     Reason(
-                        "HistoryStale",
+                        ReasonCode.HISTORY_STALE,
                         f"demand history last read {now - fetched:.0f} s ago (stale after {stale_s:g} s)",
                     )
                 )
             elif data_age > stale_s + 2 * history.step_s:  # a step's sample may be stamped at its start
                 missing.append(
                     Reason(
-                        "HistoryStale",
+                        ReasonCode.HISTORY_STALE,
                         f"newest demand sample is {data_age:.0f} s old (stale after {stale_s:g} s)",
                     )
                 )
             else:
                 demands.append(max(0.0, float(history.values[i])))
-        fc = history.forecast
+        fc = peak  # judged only beside a history: without one, HistoryMissing already holds
         if fc is None:
-            missing.append(Reason("ForecastMissing", "no forecast of the peak over the horizon"))
+            missing.append(Reason(ReasonCode.FORECAST_MISSING, "no forecast of the peak over the horizon"))
         else:
             made = fc.computed_s if fc.computed_s > 0 else (history.fetched_s or last_ts or 0.0)
             if now - made > stale_s or not math.isfinite(fc.value):
                 missing.append(
                     Reason(
-                        "ForecastStale", f"forecast made {now - made:.0f} s ago (stale after {stale_s:g} s)"
+                        ReasonCode.FORECAST_STALE,
+                        f"forecast made {now - made:.0f} s ago (stale after {stale_s:g} s)",
                     )
                 )
             else:
@@ -450,11 +467,11 @@ def _read_inputs(
     signals_fresh = False
     if signals is None:
         if spec.demand.balancer is not None:
-            missing.append(Reason("SignalsMissing", "no balancer replica's /signals could be read"))
+            missing.append(Reason(ReasonCode.SIGNALS_MISSING, "no balancer replica's /signals could be read"))
     elif now - signals.time_s > stale_s:
         missing.append(
             Reason(
-                "SignalsStale",
+                ReasonCode.SIGNALS_STALE,
                 f"balancer signals are {now - signals.time_s:.0f} s old (stale after {stale_s:g} s)",
             )
         )
@@ -463,7 +480,7 @@ def _read_inputs(
         if signals.unreachable:
             missing.append(
                 Reason(
-                    "SignalsIncomplete",
+                    ReasonCode.SIGNALS_INCOMPLETE,
                     f"{len(signals.unreachable)} balancer replicas gave no usable report "
                     f"({', '.join(signals.unreachable[:3])}): their streams are missing from the sums",
                 )
@@ -505,10 +522,14 @@ def _hotspot_replicas(signals: SignalsSnapshot | None, inputs: _Inputs, spr: int
 
 def _clamp(wanted: int, lo: int, hi: int, reasons: list[Reason], *, what: str) -> int:
     if wanted < lo:
-        reasons.append(Reason("ClampedToMin", f"{what} needs {wanted} replicas, replicas.min is {lo}"))
+        reasons.append(
+            Reason(ReasonCode.CLAMPED_TO_MIN, f"{what} needs {wanted} replicas, replicas.min is {lo}")
+        )
         return lo
     if wanted > hi:
-        reasons.append(Reason("ClampedToMax", f"{what} needs {wanted} replicas, replicas.max is {hi}"))
+        reasons.append(
+            Reason(ReasonCode.CLAMPED_TO_MAX, f"{what} needs {wanted} replicas, replicas.max is {hi}")
+        )
         return hi
     return wanted
 
@@ -536,7 +557,7 @@ def _scale_down(
         covered = now - float(ts[0]) if ts.size else 0.0
         reasons.append(
             Reason(
-                "StabilizationWindow",
+                ReasonCode.STABILIZATION_WINDOW,
                 f"holding {serving_now} replicas: history covers {covered:.0f} s of the {window:g} s "
                 "stabilization window",
             )
@@ -550,7 +571,7 @@ def _scale_down(
     if floor >= serving_now:
         reasons.append(
             Reason(
-                "StabilizationWindow",
+                ReasonCode.STABILIZATION_WINDOW,
                 f"holding {serving_now} replicas: demand needed {window_need} within the last {window:g} s",
             )
         )
@@ -563,7 +584,7 @@ def _scale_down(
     if budget <= 0:
         reasons.append(
             Reason(
-                "ScaleDownRateLimited",
+                ReasonCode.SCALE_DOWN_RATE_LIMITED,
                 f"{excess} replicas surplus, but {recent_marks} pods were marked in the last minute "
                 f"(scaleDown.maxPodsPerMinute={spec.scale_down.max_pods_per_minute})",
             )
@@ -589,7 +610,7 @@ def _scale_down(
         loads = ", ".join(f"{p.name} ({inputs.pod_load.get(p.name, 0)})" for p in chosen)
         reasons.append(
             Reason(
-                "ScaleDown",
+                ReasonCode.SCALE_DOWN,
                 f"demand and forecast need {floor} replicas, {serving_now} serve: draining {loads}"
                 + (f"; {excess - len(chosen)} more later (maxPodsPerMinute)" if excess > len(chosen) else ""),
             )
@@ -621,13 +642,15 @@ def _removable(
         )
         if empty:
             out.append(p)
-            reasons.append(Reason("DrainComplete", f"{p.name} drained empty after {age:.0f} s: removing it"))
+            reasons.append(
+                Reason(ReasonCode.DRAIN_COMPLETE, f"{p.name} drained empty after {age:.0f} s: removing it")
+            )
         elif age >= timeout:
             out.append(p)
             left = "an unknown number of" if load is None else str(load)
             reasons.append(
                 Reason(
-                    "DrainTimeout",
+                    ReasonCode.DRAIN_TIMEOUT,
                     f"{p.name} still had {left} streams/sessions after the {timeout:g} s drain timeout: removing it",
                 )
             )
@@ -636,7 +659,8 @@ def _removable(
     if waiting:
         reasons.append(
             Reason(
-                "DrainWaiting", f"waiting for {len(waiting)} draining pods to empty: {', '.join(waiting[:5])}"
+                ReasonCode.DRAIN_WAITING,
+                f"waiting for {len(waiting)} draining pods to empty: {', '.join(waiting[:5])}",
             )
         )
     return out

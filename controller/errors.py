@@ -2,7 +2,7 @@
 
     ForestallError
     ├── InvalidPolicy        a ScalingPolicy that fails validation (lines name field, value and fix)
-    └── ClusterError         the Kubernetes API failed (kube.py translates ApiException)
+    └── ClusterError         the Kubernetes API failed (`controller.kube.api` translates ApiException)
         ├── Conflict         409: stale resourceVersion; requeue and retry with a fresh read
         └── NotFound         404: the object is gone
 
@@ -34,3 +34,9 @@ class Conflict(ClusterError):
 
 class NotFound(ClusterError):
     """404 Not Found: the object does not exist (any more)."""
+
+
+def one_line(text: str, limit: int = 200) -> str:
+    """`text` on one line, cut to `limit` characters: third-party error text quoted inside our messages."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,22 +1,24 @@
 """One fitted `forecast.Forecaster` per policy, turned into the `decide.PeakForecast` that `decide()` reads.
 
-The loop and the simulator call `PolicyForecast.peak(timestamps, values, now=..., horizon_s=...)` at every
-reconcile with the policy's demand history. The first call with enough samples fits the model; later calls
+`controller.pipeline` calls `PolicyForecast.peak(timestamps, values, now=..., horizon_s=...)` at every
+reconcile with the policy's demand history (the Kubernetes loop, the demo and the simulator alike). The first call with enough samples fits the model; later calls
 fold in only the samples newer than the last one fed (plus the last few again, since Prometheus may still
 correct the tail as late scrapes arrive), and the forecaster refits its models by itself every
-`refit_every_s` of new data. When neither the history's tail (its last `REFEED_STEPS + 1` samples) nor the horizon changed since the last call,
+`refit_every_s` of new data (`refit_every_long_s` instead, when given, once the history covers
+`LONG_HISTORY_S`: the simulator's week-long replays refit every 6 hours then, 30 refits instead of 168). When neither the history's tail (its last `REFEED_STEPS + 1` samples) nor the horizon changed since the last call,
 the previous forecast is returned as is (restamped `computed_s=now`: it is still the forecast for the data
 there is, and the history's own staleness is judged by `decide()` from `DemandHistory.fetched_s`).
 
 A forecast that cannot be made (too few samples, a model error) gives None and the reason in `error_`, so the
 plan holds capacity (`ForecastMissing`) instead of the controller failing. A policy whose forecast settings
-change gets a new forecaster (`PolicyForecasts.get`).
+change gets a new forecaster (`controller.pipeline.PolicyPipeline.update_policy`).
 
 Policy model names map onto the forecast package's: `seasonalNaive` -> `snaive_day`, `seasonalProfile` ->
 `profile_day` (a day's cycle fits in the default week of history; `auto` also tries the weekly ones),
 `recentMax` -> `recent_max`, `gbm` and `auto` as they are.
 
-What this module does not do: read demand (`controller.demand`) or decide anything (`controller.decide`).
+What this module does not do: read demand (`controller.demand`) or decide anything (`controller.decide`); the
+forecast reaches `decide()` as its own argument, not inside the history.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ REFEED_STEPS = 3
 MIN_SAMPLES = 3
 """Finite samples needed before the first fit (the forecaster's own minimum)."""
 
+LONG_HISTORY_S = 86400.0
+"""History span after which `refit_every_long_s` applies: with days of history an hour changes little."""
+
 
 @dataclass(frozen=True)
 class _Key:
@@ -60,9 +65,16 @@ class _Key:
 class PolicyForecast:
     """The forecaster of one policy: fit once, update with new samples, forecast the peak over a horizon."""
 
-    def __init__(self, settings: policy.Forecast, *, refit_every_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        settings: policy.Forecast,
+        *,
+        refit_every_s: float = 3600.0,
+        refit_every_long_s: float | None = None,
+    ) -> None:
         self.settings = settings
         self.refit_every_s = refit_every_s
+        self.refit_every_long_s = refit_every_long_s
         self.forecaster_: forecast.Forecaster | None = None
         self.fed_until_s_: float | None = None
         """Timestamp of the newest sample given to the forecaster."""
@@ -104,6 +116,8 @@ class PolicyForecast:
                 self.fits_ += 1
             else:
                 assert self.fed_until_s_ is not None
+                if self.refit_every_long_s is not None and now - float(timestamps[0]) >= LONG_HISTORY_S:
+                    self.forecaster_.refit_every_s = self.refit_every_long_s
                 start = int(
                     np.searchsorted(timestamps, self.fed_until_s_ - REFEED_STEPS * step_s, side="left")
                 )
@@ -135,30 +149,3 @@ class PolicyForecast:
         self.key_ = None
         self.last_ = None
         return None
-
-
-class PolicyForecasts:
-    """Forecasters of many policies, by key (`namespace/name`), recreated when a policy's settings change."""
-
-    def __init__(self, *, refit_every_s: float = 3600.0) -> None:
-        self.refit_every_s = refit_every_s
-        self._by_key: dict[str, PolicyForecast] = {}
-
-    def get(self, key: str, settings: policy.Forecast) -> PolicyForecast:
-        current = self._by_key.get(key)
-        if current is None or current.settings != settings:
-            current = PolicyForecast(settings, refit_every_s=self.refit_every_s)
-            self._by_key[key] = current
-        return current
-
-    def forget(self, key: str) -> None:
-        """Drop a deleted policy's forecaster."""
-        self._by_key.pop(key, None)
-
-    def __len__(self) -> int:
-        return len(self._by_key)
-
-
-def with_forecast(history: decide.DemandHistory, peak: decide.PeakForecast | None) -> decide.DemandHistory:
-    """The same history carrying `peak` as its forecast (what `decide()` reads)."""
-    return replace(history, forecast=peak)

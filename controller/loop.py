@@ -1,22 +1,20 @@
-"""The reconcile loop: watch ScalingPolicies, and for each one read, forecast, decide, act and report.
+"""The Kubernetes loop: watch ScalingPolicies, schedule their reconciles, and act only while leading.
 
-One process serves many policies (all namespaces or one). Each policy is reconciled when it changes (a new
+What is Kubernetes's stays here (watching, scheduling, leader gating, the error-to-condition mapping); each
+policy's reconcile itself is `controller.pipeline.PolicyPipeline`, the same one `forestall demo` and
+`forestall simulate` run. One process serves many policies (all namespaces or one). Each policy is reconciled when it changes (a new
 `metadata.generation`; status-only updates, including our own, do not count) and every `interval_s`
 (default 15 s) in a cycle over all policies, a bounded number at a time (`CONCURRENCY`). A reconcile:
 
 1. parses the policy with `controller.policy.parse` (cached per generation). An invalid policy gets
    `Ready=False`, reason `InvalidSpec`, the pydantic message, and a Warning Event; nothing is done to its
    target, which keeps whatever the last valid plan made it, and the other policies carry on;
-2. reads the cluster (`KubeCluster.state()`, from the shared watch caches) and the horizon it implies;
-3. reads demand and its forecast through the `DemandSource` (history from Prometheus, live signals from the
-   balancers, the forecast over that horizon); a failing source counts as missing data, which `decide()`
-   answers by holding capacity;
-4. `decide()`s, then, unless the policy is `mode: dryRun` or the process runs with the dry-run override,
-   acts through `controller.acting.apply_plan` (drain marks, `karpenter.sh/do-not-disrupt` and deletion costs
-   first, then the provisioner, then the scale subresource). A 409 requeues the policy;
-5. reports, in dry-run too: the status subresource (`ScalingPolicyStatus`, conditions Ready,
-   DemandDataAvailable, Forecasting, Degraded; written only when it changed), an Event for each scale,
-   drain, undrain and removal decision (dry-run Events say what would have been done), and the metrics.
+2. gets the policy's `Cluster` from the injected factory (`KubeCluster` on the shared watch caches by
+   default) and runs its pipeline: cluster state and horizon, demand (the `DemandSource`, `controller.demand`
+   in production), forecast, `decide()`, `apply_plan` unless dry-run, and the report (`controller.status`:
+   status subresource, Events, metrics). Blocking steps run on worker threads;
+3. maps cluster errors: a 409 requeues the policy, a missing target sets `Ready=False` (`TargetNotFound`),
+   other API failures `Ready=False` (`ClusterError`); a bug costs that policy that cycle only.
 
 With leader election (`controller.kube.lease`), a replica that does not hold the Lease keeps its caches
 warm and does nothing else: no reconcile, no status, no Events. It takes over within a lease duration of the
@@ -24,8 +22,9 @@ leader stopping (at once when the leader released the Lease on SIGTERM).
 
 Time comes from an injected `contract.clock.Clock`. Blocking Kubernetes calls run on worker threads.
 
-What this module does not do: talk HTTP to Kubernetes itself (`controller.kube`), decide (`controller.decide`),
-or read Prometheus and the balancers (`DemandSource`, implemented by the demand layer).
+What this module does not do: talk HTTP to Kubernetes itself (`controller.kube`), reconcile a policy
+(`controller.pipeline`), build status text (`controller.status`), or read Prometheus and the balancers
+(`controller.demand`).
 """
 
 from __future__ import annotations
@@ -35,10 +34,10 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from contract import clock as clock_mod
-from controller import acting, cluster, decide, errors, metrics, policy
+from controller import cluster, decide, errors, metrics, pipeline, policy, status
 from controller.kube import cluster as kube_cluster
 from controller.kube import lease, reporting
 
@@ -59,27 +58,10 @@ REQUEUE_S = 1.0
 SYNC_TIMEOUT_S = 60.0
 """How long to wait for the first list of every watched resource before giving up at start."""
 
-ACTION = {"active": "Scale", "dryRun": "DryRun"}
 
-
-class DemandSource(Protocol):
-    """Demand history with its forecast over the horizon, and the balancers' live signals, for one policy."""
-
-    async def read(
-        self, scaling_policy: policy.ScalingPolicy, *, now: float, horizon_s: float
-    ) -> tuple[decide.DemandHistory | None, decide.SignalsSnapshot | None]: ...
-
-
-DecideFn = Callable[
-    [
-        policy.ScalingPolicySpec,
-        float,
-        decide.DemandHistory | None,
-        decide.SignalsSnapshot | None,
-        cluster.ClusterState,
-    ],
-    decide.Plan,
-]
+ClusterFactory = Callable[[policy.ScalingPolicy, cluster.Cluster | None], cluster.Cluster]
+"""(parsed policy, its cluster so far or None) -> the `Cluster` to reconcile it on. Called on every new
+generation, so an implementation can follow the changed policy in place (`KubeCluster.update_policy`)."""
 
 
 @dataclass
@@ -89,9 +71,14 @@ class _Policy:
     key: Key
     generation: int | None = None
     parsed: policy.ScalingPolicy | None = None
-    cluster: kube_cluster.KubeCluster | None = None
-    last_plan: decide.Plan | None = None
+    pipeline: pipeline.PolicyPipeline | None = None
     invalid: str | None = None
+
+    @property
+    def last_plan(self) -> decide.Plan | None:
+        """The plan of the last completed reconcile."""
+        last = self.pipeline.last_ if self.pipeline is not None else None
+        return last.plan if last is not None else None
 
 
 @dataclass
@@ -110,7 +97,7 @@ class Controller:
         self,
         api_client: Any,
         *,
-        demand: DemandSource,
+        demand: pipeline.DemandSource,
         clock: clock_mod.Clock = clock_mod.SYSTEM,
         controller_metrics: metrics.ControllerMetrics | None = None,
         namespace: str | None = None,
@@ -118,8 +105,10 @@ class Controller:
         dry_run: bool = False,
         identity: str = "forestall",
         elector: lease.LeaseElector | None = None,
-        decide_fn: DecideFn = decide.decide,
+        decide_fn: pipeline.DecideFn = decide.decide,
         concurrency: int = CONCURRENCY,
+        cluster_factory: ClusterFactory | None = None,
+        forecasts: pipeline.ForecastFactory = pipeline.policy_forecast,
     ) -> None:
         self.api_client = api_client
         self.demand = demand
@@ -135,6 +124,11 @@ class Controller:
         self.reporter = reporting.Reporter(api_client, identity=identity, clock=clock)
         self.caches = kube_cluster.Caches(api_client, namespace=namespace)
         self.policies = reporting.policy_informer(api_client, namespace=namespace, on_change=self._on_policy)
+        self.cluster_factory = cluster_factory if cluster_factory is not None else self._kube_cluster
+        self.forecasts = forecasts
+        self.status = status.StatusReporter(
+            self.reporter, objects=self.policies.get, controller_metrics=self.metrics
+        )
         self.cycles = 0
         """Full cycles completed (tests wait on it)."""
 
@@ -291,21 +285,16 @@ class Controller:
         try:
             parsed = self._parse(known, obj)
             if parsed is None:
-                await asyncio.to_thread(self._report_invalid, known, obj)
+                await asyncio.to_thread(
+                    status.report_invalid,
+                    self.reporter,
+                    obj,
+                    known.invalid or "invalid",
+                    now=self.clock.now(),
+                )
                 return True
-            kc = known.cluster
-            assert kc is not None
-            state = await asyncio.to_thread(kc.state)
-            horizon_s = decide.horizon_s(parsed.spec, state)
-            now = self.clock.now()
-            try:
-                history, signals = await self.demand.read(parsed, now=now, horizon_s=horizon_s)
-            except Exception as exc:  # missing data is an input to decide(), never a crash
-                log.warning("%s/%s: demand unavailable: %s", *key, exc)
-                history, signals = None, None
-            await asyncio.to_thread(
-                self._decide_and_act, known, obj, parsed, state, history, signals, now, horizon_s
-            )
+            assert known.pipeline is not None
+            await known.pipeline.reconcile()
             return True
         except errors.Conflict as exc:
             log.info("%s/%s: conflict, requeued: %s", *key, exc)
@@ -315,13 +304,17 @@ class Controller:
             return True
         except errors.NotFound as exc:
             self.metrics.reconcile_errors.labels(*key).inc()
-            await asyncio.to_thread(self._report_failure, known, obj, "TargetNotFound", str(exc))
+            await asyncio.to_thread(
+                status.report_failure, self.reporter, obj, "TargetNotFound", str(exc), now=self.clock.now()
+            )
             return False
         except errors.ClusterError as exc:
             self.metrics.reconcile_errors.labels(*key).inc()
             log.warning("%s/%s: reconcile failed: %s", *key, exc)
             with contextlib.suppress(errors.ClusterError):
-                await asyncio.to_thread(self._report_failure, known, obj, "ClusterError", str(exc))
+                await asyncio.to_thread(
+                    status.report_failure, self.reporter, obj, "ClusterError", str(exc), now=self.clock.now()
+                )
             return False
         except Exception:  # a bug must cost one policy one cycle, never the whole controller
             self.metrics.reconcile_errors.labels(*key).inc()
@@ -340,249 +333,27 @@ class Controller:
             known.parsed = None  # the target keeps what the last valid plan made it
             return None
         known.invalid, known.parsed = None, parsed
-        if known.cluster is None:
-            known.cluster = kube_cluster.KubeCluster(
-                parsed, api_client=self.api_client, caches=self.caches, clock=self.clock
+        if known.pipeline is None:
+            known.pipeline = pipeline.PolicyPipeline(
+                parsed,
+                cluster=self.cluster_factory(parsed, None),
+                demand=self.demand,
+                reporter=self.status,
+                clock=self.clock,
+                offload=asyncio.to_thread,
+                decide_fn=self.decide_fn,
+                forecasts=self.forecasts,
+                dry_run=self.dry_run,
             )
         else:
-            known.cluster.update_policy(parsed)
+            known.pipeline.update_policy(parsed, cluster=self.cluster_factory(parsed, known.pipeline.cluster))
         return parsed
 
-    def _decide_and_act(
-        self,
-        known: _Policy,
-        obj: Obj,
-        parsed: policy.ScalingPolicy,
-        state: cluster.ClusterState,
-        history: decide.DemandHistory | None,
-        signals: decide.SignalsSnapshot | None,
-        now: float,
-        horizon_s: float,
-    ) -> None:
-        spec = parsed.spec
-        kc = known.cluster
-        assert kc is not None
-        plan = self.decide_fn(spec, now, history, signals, state)
-        dry = self.dry_run or spec.mode == "dryRun"
-        events = _decision_events(parsed, plan, state, dry=dry)
-        scaled = False
-        if not dry:
-            done = acting.apply_plan(kc, plan, state, now=now)
-            scaled = any(line.startswith("scale ") for line in done)
-        overwrites = kc.deletion_cost_overwrites()
-        status = self._status(
-            known,
-            obj,
-            parsed,
-            plan,
-            state,
-            now=now,
-            horizon_s=horizon_s,
-            scaled=scaled,
-            overwrites=overwrites,
+    def _kube_cluster(self, parsed: policy.ScalingPolicy, current: cluster.Cluster | None) -> cluster.Cluster:
+        """The default `ClusterFactory`: a `KubeCluster` on this controller's watch caches."""
+        if isinstance(current, kube_cluster.KubeCluster):
+            current.update_policy(parsed)
+            return current
+        return kube_cluster.KubeCluster(
+            parsed, api_client=self.api_client, caches=self.caches, clock=self.clock
         )
-        self.reporter.write_status(parsed.metadata.namespace, parsed.metadata.name, status)
-        for reason, note in events:
-            self.reporter.event(obj, reason=reason, note=note, action=ACTION["dryRun" if dry else "active"])
-        if overwrites:
-            pods = ", ".join(f"{p} (now {v or 'unset'})" for p, v in sorted(overwrites.items()))
-            self.reporter.event(
-                obj,
-                reason="DeletionCostOverwritten",
-                note=f"pod-deletion-cost set by Forestall was overwritten on {pods}: another controller "
-                "(Karpenter?) manages it, so the ReplicaSet may remove other pods than the drained ones",
-                action="Detect",
-                warning=True,
-            )
-        labels = (parsed.metadata.namespace, parsed.metadata.name)
-        self.metrics.observe_plan(*labels, spec=spec, plan=plan, state=state, horizon_s=horizon_s)
-        if plan.drain and not dry:
-            self.metrics.drains.labels(*labels).inc(len(plan.drain))
-        known.last_plan = plan
-
-    # --- status --------------------------------------------------------------------------------------------
-
-    def _status(
-        self,
-        known: _Policy,
-        obj: Obj,
-        parsed: policy.ScalingPolicy,
-        plan: decide.Plan,
-        state: cluster.ClusterState,
-        *,
-        now: float,
-        horizon_s: float,
-        scaled: bool,
-        overwrites: dict[str, str],
-    ) -> Obj:
-        prev = obj.get("status") or {}
-        generation = obj["metadata"].get("generation")
-        missing = [r for r in plan.reasons if r.code.endswith(("Missing", "Stale"))]
-        conditions = [
-            ("Ready", True, "Reconciled", _summary(plan)),
-            (
-                "DemandDataAvailable",
-                plan.demand_data_available,
-                missing[0].code if missing and not plan.demand_data_available else "DemandFresh",
-                "; ".join(r.message for r in missing)
-                if not plan.demand_data_available
-                else "history, forecast and signals are fresh",
-            ),
-            (
-                "Forecasting",
-                plan.forecast is not None,
-                "Forecasting" if plan.forecast is not None else "ForecastMissing",
-                f"q{plan.forecast.quantile:g} peak {plan.forecast.value:g} streams over {plan.forecast.horizon_s:g} s"
-                + (f" ({plan.forecast.model})" if plan.forecast.model else "")
-                if plan.forecast is not None
-                else "no forecast: capacity follows current demand only",
-            ),
-            (
-                "Degraded",
-                bool(overwrites),
-                "DeletionCostOverwritten" if overwrites else "AsExpected",
-                f"pod-deletion-cost overwritten on {', '.join(sorted(overwrites))}" if overwrites else "",
-            ),
-        ]
-        forecast = plan.forecast
-        draining = sorted(
-            ({p.name for p in state.pods if p.drain_started_s is not None} | set(plan.drain))
-            - set(plan.undrain)
-            - set(plan.remove)
-        )
-        lead = policy.MeasuredLeadTime(
-            node_provisioning_s=state.measured_node_provisioning_s,
-            pod_start_s=state.measured_pod_start_s,
-            model_load_s=state.measured_model_load_s,
-            samples=known.cluster.lead_time_samples() if known.cluster is not None else 0,
-        )
-        status = policy.ScalingPolicyStatus(
-            observed_generation=generation,
-            observed_demand=plan.observed_demand
-            if plan.observed_demand is None
-            else max(0.0, plan.observed_demand),
-            forecast=policy.ForecastStatus(
-                value=max(0.0, forecast.value),
-                quantile=forecast.quantile,
-                horizon_s=forecast.horizon_s if forecast.horizon_s > 0 else horizon_s,
-                model=forecast.model,
-            )
-            if forecast is not None
-            else None,
-            desired_replicas=plan.desired_replicas,
-            current_replicas=plan.desired_replicas if scaled else state.spec_replicas,
-            ready_replicas=state.ready_replicas,
-            provisioned_gpus=state.provisioned_gpus,
-            pending_gpus=state.pending_gpus,
-            draining_pods=draining,
-            last_scale_time=clock_mod.utc_iso(now) if scaled else prev.get("lastScaleTime"),
-            last_scale_reason=_scale_reason(plan) if scaled else prev.get("lastScaleReason"),
-            measured_lead_time=lead,
-            conditions=_conditions(prev, conditions, now=now, generation=generation),
-        )
-        dumped: Obj = status.model_dump(by_alias=True, exclude_none=True, mode="json")
-        return dumped
-
-    def _report_invalid(self, known: _Policy, obj: Obj) -> None:
-        message = known.invalid or "invalid"
-        prev = dict(obj.get("status") or {})
-        generation = obj["metadata"].get("generation")
-        prev["conditions"] = _conditions(
-            prev,
-            [("Ready", False, "InvalidSpec", message)],
-            now=self.clock.now(),
-            generation=generation,
-            keep_others=True,
-        )
-        if generation is not None:
-            prev["observedGeneration"] = generation
-        meta = obj["metadata"]
-        log.warning("%s/%s: invalid spec: %s", meta.get("namespace"), meta["name"], message)
-        self.reporter.write_status(meta.get("namespace", "default"), meta["name"], prev)
-        self.reporter.event(obj, reason="InvalidSpec", note=message, action="Validate", warning=True)
-
-    def _report_failure(self, known: _Policy, obj: Obj, reason: str, message: str) -> None:
-        prev = dict(obj.get("status") or {})
-        generation = obj["metadata"].get("generation")
-        prev["conditions"] = _conditions(
-            prev,
-            [("Ready", False, reason, message)],
-            now=self.clock.now(),
-            generation=generation,
-            keep_others=True,
-        )
-        meta = obj["metadata"]
-        self.reporter.write_status(meta.get("namespace", "default"), meta["name"], prev)
-        self.reporter.event(obj, reason=reason, note=message, action="Reconcile", warning=True)
-
-
-def _conditions(
-    prev: Obj,
-    wanted: list[tuple[str, bool, str, str]],
-    *,
-    now: float,
-    generation: int | None,
-    keep_others: bool = False,
-) -> list[Obj]:
-    """metav1.Conditions; lastTransitionTime moves only when the status (True/False) changes."""
-    before = {c.get("type"): c for c in prev.get("conditions") or []}
-    out: dict[str, Obj] = {t: dict(c) for t, c in before.items() if keep_others and t is not None}
-    for kind, ok, reason, message in wanted:
-        status = "True" if ok else "False"
-        old = before.get(kind)
-        since = (
-            old["lastTransitionTime"]
-            if old is not None and old.get("status") == status
-            else clock_mod.utc_iso(now)
-        )
-        cond: Obj = {
-            "type": kind,
-            "status": status,
-            "reason": reason,
-            "message": message[:32768],
-            "lastTransitionTime": since,
-        }
-        if generation is not None:
-            cond["observedGeneration"] = generation
-        out[kind] = cond
-    order = {t: i for i, t in enumerate(policy.CONDITION_TYPES)}
-    return sorted(out.values(), key=lambda c: order.get(c["type"], len(order)))
-
-
-def _summary(plan: decide.Plan) -> str:
-    return "; ".join(f"{r.code}: {r.message}" for r in plan.reasons)[:1024]
-
-
-def _scale_reason(plan: decide.Plan) -> str:
-    for code in ("ScaleUp", "Undrain", "HoldingCapacity", "DrainComplete", "DrainTimeout", "ScaleDown"):
-        if any(r.code == code for r in plan.reasons):
-            return code
-    return plan.reasons[0].code if plan.reasons else "Scale"
-
-
-def _decision_events(
-    parsed: policy.ScalingPolicy, plan: decide.Plan, state: cluster.ClusterState, *, dry: bool
-) -> list[tuple[str, str]]:
-    """(reason, note) of the Events a plan deserves: one per scale, drain, undrain and removal decision."""
-    ref = parsed.spec.scale_target_ref
-    target = f"{ref.kind} {parsed.metadata.namespace}/{ref.name}"
-    prefix = "dry run, would have " if dry else ""
-    why = _summary(plan)
-    events = []
-    if plan.drain:
-        events.append(("Drain", f"{prefix}marked {', '.join(plan.drain)} for draining: {why}"))
-    if plan.undrain:
-        events.append(("Undrain", f"{prefix}returned {', '.join(plan.undrain)} to service: {why}"))
-    if plan.remove:
-        events.append(
-            ("RemovePods", f"{prefix}removed drained {', '.join(plan.remove)} (lowest deletion cost): {why}")
-        )
-    if plan.desired_replicas != state.spec_replicas:
-        reason = "ScaleUp" if plan.desired_replicas > state.spec_replicas else "ScaleDown"
-        events.append(
-            (
-                reason,
-                f"{prefix}scaled {target} from {state.spec_replicas} to {plan.desired_replicas} replicas: {why}",
-            )
-        )
-    return events

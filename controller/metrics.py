@@ -17,7 +17,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from controller import cluster, decide, policy
+from controller import acting, cluster, decide, pipeline, policy
 
 POLICY_LABELS = ("namespace", "policy")
 
@@ -156,6 +156,21 @@ class ControllerMetrics:
         for code in sorted({reason.code for reason in plan.reasons}):
             c(self.decisions, *labels, code).inc()
         c(self.demand_data_available, *labels).set(1 if plan.demand_data_available else 0)
+
+    def observe_outcome(self, outcome: pipeline.Outcome) -> None:
+        """Everything one reconcile tells the metrics: the plan's gauges and the drains it applied."""
+        meta = outcome.policy.metadata
+        self.observe_plan(
+            meta.namespace,
+            meta.name,
+            spec=outcome.policy.spec,
+            plan=outcome.plan,
+            state=outcome.state,
+            horizon_s=outcome.horizon_s,
+        )
+        drained = sum(1 for a in outcome.actions if isinstance(a, acting.Drain))
+        if drained:
+            self.child(self.drains, meta.namespace, meta.name).inc(drained)
 
     def forget(self, namespace: str, name: str) -> None:
         """Remove every series of a deleted policy."""

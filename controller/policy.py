@@ -9,7 +9,7 @@ Validation lives in two places that must agree:
 - bounds, enums and defaults are field constraints, which the generator turns into schema keywords;
 - cross-field rules are written once as CEL (`x-kubernetes-validations`, evaluated by the API server) in each
   model's `CEL_RULES`, and once as Python in the same model's `_check` validator. A test evaluates both on
-  the same cases (`tests/unit/test_policy_schema.py`).
+  the same cases (`tests/unit/test_policy.py`, with the CEL evaluator of `tests/fakes/crd_schema.py`).
 
 Field names are camelCase on the wire (Kubernetes convention) and snake_case in Python, with units in the
 Python names (`node_provisioning_s`, wire `nodeProvisioningSeconds`).

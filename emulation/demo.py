@@ -32,51 +32,23 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 import tempfile
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import numpy as np
-from aiohttp import web
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
+from rich.console import Console
 
 from contract import clock as clock_mod
-from contract import signals as signals_mod
-from controller import acting, decide, forecasting, metrics, policy
-from emulation import local, simulate, traces
+from controller import metrics, pipeline, policy
+from emulation import demo_controller, demo_processes, demo_view, local, results, simulate, traces
 
 HOST = "127.0.0.1"
-POLICY_LABELS = ("demo", "llm")
-"""Namespace and name the demo's policy carries in the controller's metrics."""
-RECONCILE_S = 15.0
-"""Virtual seconds between reconciles: the live controller's default interval."""
 
 WINDOW_S = 6 * 3600.0
 """Virtual seconds of the trace the start-point search looks at ahead (a morning ramp fits)."""
-
-
-@dataclass(frozen=True)
-class VirtualClock:
-    """Trace time running `scale` times faster than the wall clock, from trace time `v0` at wall time `w0`."""
-
-    v0: float
-    w0: float
-    scale: float
-    wall: clock_mod.Clock
-
-    def now(self) -> float:
-        return self.v0 + (self.wall.monotonic() - self.w0) * self.scale
-
-    async def sleep_until(self, v: float) -> None:
-        delay = (v - self.now()) / self.scale
-        if delay > 0:
-            await self.wall.sleep(delay)
 
 
 @dataclass(frozen=True)
@@ -105,19 +77,9 @@ class StreamStats:
     cut: int = 0
     failed: int = 0
     waits_s: list[float] = field(default_factory=list)
+    arrivals_s: list[float] = field(default_factory=list)
+    """Arrival time of each stream in `waits_s` (same order), to tell when the waits happened."""
     running: int = 0
-
-
-@dataclass
-class DemoState:
-    """What the live view shows; updated by the controller and the load generator."""
-
-    vnow: float = 0.0
-    demand: float = 0.0
-    plan: decide.Plan | None = None
-    backends: dict[str, signals_mod.BackendSignals] = field(default_factory=dict)
-    admission_queue: int = 0
-    events: deque[str] = field(default_factory=lambda: deque(maxlen=6))
 
 
 def demo_spec(opts: DemoOptions) -> policy.ScalingPolicySpec:
@@ -132,8 +94,22 @@ def demo_spec(opts: DemoOptions) -> policy.ScalingPolicySpec:
     )
 
 
-async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
+@dataclass
+class DemoRun:
+    """What a demo run leaves behind besides its table: the streams and every reconcile, for measurements."""
+
+    stats: StreamStats
+    timeline: list[demo_controller.ReconcileSample]
+    result: results.SimResult
+
+
+async def run(opts: DemoOptions, *, console: Console) -> results.SimResult:
     """Run the demo; returns the live figures (`forestall (live)`) beside the simulated policies."""
+    return (await run_measured(opts, console=console)).result
+
+
+async def run_measured(opts: DemoOptions, *, console: Console) -> DemoRun:
+    """Run the demo, keeping the per-stream waits and the reconcile timeline beside the table."""
     clk = clock_mod.SYSTEM
     spec = demo_spec(opts)
     trace = traces.read_trace(opts.trace or traces.bundled_trace_path())
@@ -157,52 +133,56 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
     listen, admin = local.free_port(HOST), local.free_port(HOST)
     procs: list[subprocess.Popen[bytes]] = []
     stats = StreamStats()
-    view = DemoState(vnow=v0)
+    view = demo_controller.DemoState(vnow=v0)
+    reporter: demo_controller.ViewReporter | None = None
     prom_url: str | None = None
     cleanups: list[Any] = []
     try:
         # Start where a cluster would be: sized for the last hour's peak demand.
-        recent = history_v[-max(1, int(3600 / spec.forecast.step_s)) :]
-        initial = max(1, math.ceil(float(np.nanmax(recent)) / opts.slots)) if recent.size else 1
+        initial = initial_replicas(history_v, spec)
         cl.start(v0, initial)
-        procs.append(_start_balancer(listen, admin, backends_file, workdir))
-        await _wait_port(admin)
+        procs.append(demo_processes.start_balancer(listen, admin, backends_file, workdir))
+        await demo_processes.wait_port(admin)
         ctl_metrics = metrics.ControllerMetrics()
         metrics_port = local.free_port(HOST)
-        runner = await _serve_metrics(ctl_metrics, metrics_port)
+        runner = await demo_processes.serve_metrics(ctl_metrics, metrics_port)
         cleanups.append(runner.cleanup)
         if opts.prometheus or (opts.prometheus is None and shutil.which("prometheus")):
             prom_port = local.free_port(HOST)
-            procs.append(_start_prometheus(prom_port, [admin, metrics_port], workdir))
+            procs.append(demo_processes.start_prometheus(prom_port, [admin, metrics_port], workdir))
             prom_url = f"http://{HOST}:{prom_port}"
-        vc = VirtualClock(v0=v0, w0=clk.monotonic(), scale=opts.time_scale, wall=clk)
+        vc = demo_controller.VirtualClock(v0=v0, w0=clk.monotonic(), scale=opts.time_scale, wall=clk)
 
         async with aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=5),
             connector=aiohttp.TCPConnector(limit=0),
         ) as http:
-            tasks = [
-                _controller(
-                    spec,
-                    cl,
+            reporter = demo_controller.ViewReporter(view, ctl_metrics)
+            pipe = pipeline.PolicyPipeline(
+                policy.ScalingPolicy(metadata=demo_controller.POLICY, spec=spec),
+                cluster=cl,
+                demand=demo_controller.BalancerDemand(
                     http,
-                    view,
-                    vc=vc,
-                    end_s=v_end,
-                    admin=admin,
-                    hist=(history_t, history_v),
-                    ctl_metrics=ctl_metrics,
+                    admin_port=admin,
+                    step_s=spec.forecast.step_s,
+                    history=(history_t, history_v),
+                    view=view,
                 ),
+                reporter=reporter,
+                clock=vc,
+            )
+            tasks = [
+                demo_controller.run(pipe, reporter, vc=vc, end_s=v_end),
                 _load(arrivals, http, stats, vc=vc, end_s=v_end, listen=listen, opts=opts, spt=spt),
-                _ticker(cl, vc=vc, end_s=v_end),
+                demo_controller.tick(cl, vc=vc, end_s=v_end),
             ]
             if opts.live_view:
-                tasks.append(_show(view, stats, cl, console, vc=vc, end_s=v_end, spec=spec))
+                tasks.append(demo_view.show(view, stats, cl, console, vc=vc, end_s=v_end, spec=spec))
             async with asyncio.TaskGroup() as group:
                 for coro in tasks:
                     group.create_task(coro)
         if prom_url is not None:
-            await _print_dashboard_values(prom_url, console)
+            await demo_processes.print_dashboard_values(prom_url, console)
     finally:
         for cleanup in cleanups:
             with contextlib.suppress(Exception):
@@ -211,83 +191,26 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
         for proc in procs:
             local.stop_process(proc, grace_s=10.0)
         shutil.rmtree(workdir, ignore_errors=True)
-    return _results(stats, cl, trace, spec, scale=scale, start_s=v0, end_s=v_end, seed=opts.seed)
-
-
-# -- the controller, local mode ----------------------------------------------------------------------------
-
-
-async def _controller(
-    spec: policy.ScalingPolicySpec,
-    cl: local.LocalCluster,
-    http: aiohttp.ClientSession,
-    view: DemoState,
-    *,
-    vc: VirtualClock,
-    end_s: float,
-    admin: int,
-    hist: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
-    ctl_metrics: metrics.ControllerMetrics,
-) -> None:
-    """Every RECONCILE_S virtual seconds: read /signals, extend the history, forecast, decide, apply, report."""
-    step = spec.forecast.step_s
-    hist_t, hist_v = list(hist[0]), list(hist[1])
-    fc = forecasting.PolicyForecast(spec.forecast)
-    bucket: list[float] = []
-    next_at = vc.now()
-    while (now := vc.now()) < end_s:
-        snapshot = await _read_signals(http, admin, now)
-        if snapshot is not None:
-            demand = float(snapshot.active_streams + snapshot.admission_queue)
-            bucket.append(demand)
-            view.demand, view.backends, view.admission_queue = (
-                demand,
-                dict(snapshot.backends),
-                snapshot.admission_queue,
-            )
-        while hist_t and now >= hist_t[-1] + step:
-            hist_t.append(hist_t[-1] + step)
-            hist_v.append(max(bucket) if bucket else math.nan)
-            bucket = []
-        state = cl.state()
-        t_arr, v_arr = np.asarray(hist_t), np.asarray(hist_v)
-        horizon = decide.horizon_s(spec, state)
-        peak = fc.peak(t_arr, v_arr, now=now, horizon_s=horizon)
-        history = decide.DemandHistory(
-            step_s=step, timestamps=t_arr, values=v_arr, forecast=peak, fetched_s=now
-        )
-        plan = decide.decide(spec, now, history, snapshot, state)
-        ctl_metrics.observe_plan(*POLICY_LABELS, spec=spec, plan=plan, state=state, horizon_s=horizon)
-        for line in acting.apply_plan(cl, plan, state, now=now):
-            view.events.append(f"{_clock(now)} {line}")
-            if line.startswith("drain "):
-                ctl_metrics.child(ctl_metrics.drains, *POLICY_LABELS).inc()
-        view.plan, view.vnow = plan, now
-        next_at += RECONCILE_S
-        await vc.sleep_until(next_at)
-
-
-async def _read_signals(http: aiohttp.ClientSession, admin: int, now: float) -> decide.SignalsSnapshot | None:
-    try:
-        async with asyncio.timeout(1.0), http.get(f"http://{HOST}:{admin}/signals") as resp:
-            if resp.status != 200:
-                return None
-            report = signals_mod.Signals.model_validate_json(await resp.read())
-    except (aiohttp.ClientError, TimeoutError, ValueError):
-        return None
-    return decide.SignalsSnapshot(
-        time_s=now,
-        backends=signals_mod.merge([report]),
-        admission_queue=report.admission_queue,
-        rejected_streams_total=report.rejected_streams_total,
+    result = _results(
+        stats,
+        cl,
+        trace,
+        spec,
+        scale=scale,
+        start_s=v0,
+        end_s=v_end,
+        seed=opts.seed,
+        initial=initial,
+        history=(history_t, history_v),
     )
+    return DemoRun(stats, reporter.timeline if reporter is not None else [], result)
 
 
-async def _ticker(cl: local.LocalCluster, *, vc: VirtualClock, end_s: float) -> None:
-    """Move the local cluster along (nodes, pods, backends file) five times a second."""
-    while (now := vc.now()) < end_s:
-        cl.tick(now)
-        await vc.wall.sleep(0.2)
+def initial_replicas(history_v: np.ndarray[Any, Any], spec: policy.ScalingPolicySpec) -> int:
+    """Where a cluster would be when the demo starts: sized for the last hour's peak demand."""
+    recent = history_v[-max(1, int(3600 / spec.forecast.step_s)) :]
+    slots = spec.capacity.streams_per_replica
+    return max(1, math.ceil(float(np.nanmax(recent)) / slots)) if recent.size else 1
 
 
 # -- the load generator ----------------------------------------------------------------------------------
@@ -298,7 +221,7 @@ async def _load(
     http: aiohttp.ClientSession,
     stats: StreamStats,
     *,
-    vc: VirtualClock,
+    vc: demo_controller.VirtualClock,
     end_s: float,
     listen: int,
     opts: DemoOptions,
@@ -331,7 +254,7 @@ async def _one_stream(
     chunks: int,
     stats: StreamStats,
     *,
-    vc: VirtualClock,
+    vc: demo_controller.VirtualClock,
     arrived: float,
 ) -> None:
     stats.arrived += 1
@@ -355,6 +278,7 @@ async def _one_stream(
                 if not first:
                     first = True
                     stats.waits_s.append(max(0.0, vc.now() - arrived))
+                    stats.arrivals_s.append(arrived)
                 if line.startswith(b"data: [DONE]"):
                     done = True
                 elif line.startswith(b'data: {"error"') or b'"error":' in line[:40]:
@@ -370,70 +294,6 @@ async def _one_stream(
             stats.failed += 1
 
 
-# -- the view ---------------------------------------------------------------------------------------------
-
-
-async def _show(
-    view: DemoState,
-    stats: StreamStats,
-    cl: local.LocalCluster,
-    console: Console,
-    *,
-    vc: VirtualClock,
-    end_s: float,
-    spec: policy.ScalingPolicySpec,
-) -> None:
-    with Live(console=console, refresh_per_second=4, transient=False) as live:
-        while vc.now() < end_s:
-            live.update(_render(view, stats, cl, spec))
-            await vc.wall.sleep(0.25)
-        live.update(_render(view, stats, cl, spec))
-
-
-def _render(
-    view: DemoState, stats: StreamStats, cl: local.LocalCluster, spec: policy.ScalingPolicySpec
-) -> Group:
-    plan = view.plan
-    state = cl.state()
-    starting = sum(1 for p in state.pods if p.phase in ("pending", "starting"))
-    head = Table.grid(padding=(0, 3))
-    fc = plan.forecast if plan else None
-    head.add_row(
-        f"[bold]{_clock(view.vnow)}[/]",
-        f"demand [bold]{view.demand:.0f}[/] streams",
-        f"forecast q{fc.quantile:g} peak [bold]{fc.value:.1f}[/] over {fc.horizon_s:.0f}s"
-        if fc
-        else "forecast -",
-        f"replicas desired [bold]{plan.desired_replicas if plan else '-'}[/] ready {state.ready_replicas} "
-        f"starting {starting}",
-        f"nodes {len(state.nodes)} (pending GPUs {state.pending_gpus})",
-        f"queue {view.admission_queue}",
-    )
-    head.add_row(
-        f"streams: {stats.arrived} arrived",
-        f"{stats.completed} done",
-        f"{stats.rejected} rejected / {stats.cut} cut / {stats.failed} failed",
-        f"wait p99 {np.percentile(stats.waits_s, 99):.1f}s" if stats.waits_s else "wait -",
-        f"GPU-h {cl.gpu_seconds / 3600:.2f}",
-        "",
-    )
-    backends = Table(title="streams per backend", expand=False, show_edge=False)
-    for column in ("pod", "state", "streams", "load", "hotspot"):
-        backends.add_column(column)
-    slots = spec.capacity.streams_per_replica
-    for b in sorted(view.backends.values(), key=lambda b: b.pod or b.address):
-        bar = "█" * min(b.active_streams, 2 * slots)
-        hot = f"{b.hotspot_score:.1f}" + (" HOT" if b.hotspot else "")
-        backends.add_row(b.pod or b.address, b.state, str(b.active_streams), bar, hot)
-    reasons = "; ".join(f"{r.code}: {r.message}" for r in (plan.reasons[-2:] if plan else ()))
-    events = "\n".join(view.events)
-    return Group(head, backends, f"[dim]{reasons}[/]", events)
-
-
-def _clock(v: float) -> str:
-    return clock_mod.utc_iso(v)[11:19]
-
-
 # -- results ----------------------------------------------------------------------------------------------
 
 
@@ -447,12 +307,16 @@ def _results(
     start_s: float,
     end_s: float,
     seed: int,
-) -> simulate.SimResult:
-    """The live figures beside the same window through the simulator (same arrivals, same seed), for the
-    policies a live demo cannot run side by side: reactive, reactive-ca and the oracles."""
+    initial: int,
+    history: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]],
+) -> results.SimResult:
+    """The live figures beside the same window through the simulator: same trace window, arrival scale and
+    seed, and the same starting point as the live run (its initial replicas, and the history the live
+    controller started with), so `forestall (simulated)` is what the live row should be without the
+    machine; plus the policies a live demo cannot run side by side (reactive, reactive-ca, the oracles)."""
     waits = np.asarray(stats.waits_s) if stats.waits_s else np.zeros(1)
     slo = spec.slo.time_to_first_token_s
-    live = simulate.PolicyResult(
+    live = results.PolicyResult(
         name="forestall (live)",
         arrived=stats.arrived,
         started=len(stats.waits_s),
@@ -467,7 +331,14 @@ def _results(
         gpu_hours=cl.gpu_seconds / 3600,
         scale_events=cl.scale_events,
     )
-    simulated = simulate.simulate(_window(trace, start_s, end_s), spec, scale=scale, seed=seed)
+    simulated = simulate.simulate(
+        _window(trace, start_s, end_s),
+        spec,
+        scale=scale,
+        seed=seed,
+        initial_replicas=initial,
+        prior_history=history,
+    )
     renamed = {
         name if name.startswith("oracle") else f"{name} (simulated)": r
         for name, r in simulated.policies.items()
@@ -524,102 +395,3 @@ def _ramp_start(trace: traces.Trace, *, window_s: float) -> float:
     rise = rate[first + ahead :] - rate[first : rate.size - ahead]
     best = first + int(np.argmax(rise))
     return trace.start_s + best * trace.step_s
-
-
-# -- processes --------------------------------------------------------------------------------------------
-
-
-def _start_balancer(listen: int, admin: int, backends_file: Path, workdir: Path) -> subprocess.Popen[bytes]:
-    with open(workdir / "balancer.log", "wb") as log:  # the child keeps its own copy of the descriptor
-        return _popen(
-            [
-                sys.executable,
-                "-m",
-                "forestall.cli",
-                "balancer",
-                "--listen",
-                f"{HOST}:{listen}",
-                "--admin-listen",
-                f"{HOST}:{admin}",
-                "--backends-file",
-                str(backends_file),
-            ],
-            log,
-        )
-
-
-def _start_prometheus(port: int, targets: list[int], workdir: Path) -> subprocess.Popen[bytes]:
-    """Prometheus scraping the balancer's admin port and the demo controller's metrics every second."""
-    config = workdir / "prometheus.yml"
-    listed = ", ".join(f"'{HOST}:{t}'" for t in targets)
-    config.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        f"  - job_name: forestall\n    honor_labels: true\n    static_configs: [{{targets: [{listed}]}}]\n"
-    )
-    with open(workdir / "prometheus.log", "wb") as log:  # the child keeps its own copy of the descriptor
-        return _popen(
-            [
-                shutil.which("prometheus") or "prometheus",
-                f"--config.file={config}",
-                f"--storage.tsdb.path={workdir / 'tsdb'}",
-                f"--web.listen-address={HOST}:{port}",
-            ],
-            log,
-        )
-
-
-async def _print_dashboard_values(url: str, console: Console) -> None:
-    """Print the current value of every dashboard query that has data (the balancer's, in the demo)."""
-    try:
-        from dashboards import generate  # the dashboards package lives beside the three in a source checkout
-    except ImportError:
-        console.print("[dim]dashboards package not found: skipping the dashboard queries[/]")
-        return
-    table = Table(title="dashboard queries now (Prometheus on loopback)")
-    for column in ("dashboard", "panel", "value"):
-        table.add_column(column)
-    async with aiohttp.ClientSession() as http:
-        # A few minutes of data: rates over 30 s, ranges over the demo so far.
-        values = {**generate.SUBSTITUTIONS, "$__rate_interval": "30s", "$__range": "5m"}
-        for dashboard, panel, expr in generate.queries():
-            query = generate.substitute(expr, values)
-            try:
-                async with http.get(f"{url}/api/v1/query", params={"query": query}) as resp:
-                    data = await resp.json()
-            except (aiohttp.ClientError, ValueError):
-                continue
-            result = data.get("data", {}).get("result", [])
-            if result:
-                value = ", ".join(f"{float(r['value'][1]):.3g}" for r in result[:4])
-                table.add_row(dashboard, panel, value)
-    console.print(table)
-
-
-async def _serve_metrics(registry: metrics.ControllerMetrics, port: int) -> web.AppRunner:
-    """The demo controller's /metrics on a loopback port, served from this event loop."""
-    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-
-    async def handler(request: web.Request) -> web.Response:
-        body = generate_latest(registry.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    app = web.Application()
-    app.router.add_get("/metrics", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, HOST, port).start()
-    return runner
-
-
-def _popen(argv: list[str], log: Any) -> subprocess.Popen[bytes]:
-    """A child in its own session (so Ctrl-C reaches it only through us), output to `log`."""
-    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-
-
-async def _wait_port(port: int, *, attempts: int = 200) -> None:
-    for _ in range(attempts):
-        if local.listening(HOST, port):
-            return
-        await asyncio.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {HOST}:{port}: the balancer did not start (see its log)")

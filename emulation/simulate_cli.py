@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from controller import policy
-    from emulation import simulate
+    from emulation import results
 
 BASELINES = ("reactive", "reactive-ca")
 """Policies `--compare` may name; Forestall and the two oracles always run."""
@@ -141,7 +141,7 @@ def load_spec(path: Path) -> policy.ScalingPolicySpec:
 
 def _run_with_progress(
     trace: Any, spec: policy.ScalingPolicySpec, *, compare: list[str], scale: float, seed: int, quiet: bool
-) -> simulate.SimResult:
+) -> results.SimResult:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -173,7 +173,7 @@ def _run_with_progress(
     return result
 
 
-def print_table(result: simulate.SimResult) -> None:
+def print_table(result: results.SimResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -235,7 +235,7 @@ COLORS = {
 }
 
 
-def plot(result: simulate.SimResult, out: Path) -> None:
+def plot(result: results.SimResult, out: Path) -> None:
     """Demand, Forestall's forecast, Ready capacity per policy and SLO misses over time, as a PNG."""
     import datetime as dt
 

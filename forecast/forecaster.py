@@ -1,6 +1,6 @@
 """The Forecaster: fit a demand history, fold in new samples, forecast quantiles of the peak.
 
-This is the one interface the controller and the simulator use (see notes/contracts.md). It keeps the
+This is the one interface the controller and the simulator use (through `controller.forecasting`). It keeps the
 history on a regular grid, fits the candidate models, and for each horizon it is asked about runs a
 rolling-origin backtest over the recent history: that backtest both picks the model (`auto` keeps the one,
 or the equal blend of the best two or three, with the lowest out-of-sample pinball loss of the peak; or

@@ -193,6 +193,8 @@ class KubeCluster:
             measured_node_provisioning_s=_median(self._node_samples.values()),
             measured_pod_start_s=_median(s[0] for s in pods_med),
             measured_model_load_s=_median(s[1] for s in pods_med),
+            lead_time_samples=self.lead_time_samples(),
+            deletion_cost_overwrites=self.deletion_cost_overwrites(),
         )
 
     def pods(self, target: Obj | None = None) -> list[Obj]:

@@ -4,7 +4,7 @@
 Deployment, the fake kubelet/ReplicaSet (`e2e_kubelet`), the balancer in process (workers discovered through
 EndpointSlices), the controller's metrics endpoint, a real Prometheus scraping the balancer and the
 controller every second, and the controller loop (`controller.loop.Controller`, `KubeCluster`,
-`controller.demand.Demands`) on the ScalingPolicy built by `policy_object`. `drive()` then runs the load
+`controller.demand.registry.Demands`) on the ScalingPolicy built by `policy_object`. `drive()` then runs the load
 profile (`e2e_load`), waits for the drop's drains and removals, queries every dashboard panel
 (`run_panel_queries`), stops the load and Prometheus and watches the controller hold capacity. Everything
 the tests assert on is recorded in a `Run`; nothing here asserts, except bounded waits failing by name.
@@ -37,7 +37,8 @@ from balancer import app as app_mod
 from balancer import config as config_mod
 from balancer.runtime import Balancer
 from contract import clock as clock_mod
-from controller import cluster, decide, demand, loop, metrics
+from controller import cluster, decide, loop, metrics
+from controller.demand import registry as demand_registry
 from controller.kube import api as kube_api_mod
 from dashboards import generate
 from tests.fakes import e2e_kubelet, e2e_load, kube_api, prometheus
@@ -394,7 +395,7 @@ async def drive(
         assert ctl is not None
         return ctl.caches.service_addresses(namespace, service)
 
-    demands = demand.Demands(balancer_endpoints=balancer_endpoints)
+    demands = demand_registry.Demands(balancer_endpoints=balancer_endpoints)
     ctl = loop.Controller(
         client,
         demand=demands,

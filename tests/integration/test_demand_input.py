@@ -1,6 +1,7 @@
-"""`controller.demand.PolicyDemand`: one policy's demand input read end to end, from a real Prometheus
-(backfilled with recorded demand) and real `/signals` servers, into `decide()`; and a policy without
-Prometheus whose history is built from the signals it reads."""
+"""`controller.demand.registry.PolicyDemand`: one policy's demand input read end to end, from a real Prometheus
+(backfilled with recorded demand) and real `/signals` servers, through the reconcile pipeline (forecast,
+`decide()`, dry-run) against a fake cluster; and a policy without Prometheus whose history is built from the
+signals it reads."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from contract import clock as clock_mod
 from contract import signals as sig
-from controller import cluster, decide, demand, policy
+from controller import cluster, decide, pipeline, policy
+from controller.demand import registry
+from tests.fakes.cluster import FakeCluster
 from tests.fakes.prometheus import per_backend, recorded_demand, running_prometheus
 
 QUERY = 'sum(forestall_balancer_active_streams{namespace="llm"})'
-HORIZON_S = 480.0
 
 
 class Balancer:
@@ -71,29 +74,59 @@ def state(n: int, now: float) -> cluster.ClusterState:
     return cluster.ClusterState(spec_replicas=n, pods=pods)
 
 
+class OnePolicy:
+    """A `PolicyDemand` behind the pipeline's `DemandSource` seam, with the session and replicas it asks."""
+
+    def __init__(
+        self, reader: registry.PolicyDemand, session: aiohttp.ClientSession | None, replicas: list[str]
+    ) -> None:
+        self.reader, self.session, self.replicas = reader, session, replicas
+
+    async def read(self, scaling_policy: policy.ScalingPolicy, *, now: float) -> pipeline.DemandReading:
+        return await self.reader.read(now, session=self.session, balancer_replicas=self.replicas)
+
+
+class Outcomes:
+    """The pipeline's reporter in these tests: the last outcome."""
+
+    last: pipeline.Outcome | None = None
+
+    def report(self, outcome: pipeline.Outcome) -> None:
+        self.last = outcome
+
+
+def dry_pipeline(
+    spec: policy.ScalingPolicySpec, source: OnePolicy, fake: FakeCluster, clock: clock_mod.FakeClock
+) -> pipeline.PolicyPipeline:
+    """The product's reconcile pipeline for `spec`, dry-run (the fake cluster keeps the state it was given)."""
+    scaling_policy = policy.ScalingPolicy(metadata=policy.ObjectMeta(name="chat", namespace="llm"), spec=spec)
+    return pipeline.PolicyPipeline(
+        scaling_policy, cluster=fake, demand=source, reporter=Outcomes(), clock=clock, dry_run=True
+    )
+
+
 async def test_prometheus_and_signals_feed_decide(tmp_path: Path, balancer: Balancer) -> None:
     ts, vs = recorded_demand(26)
     now = float(ts[-1] // 3600 * 3600) + 5
     with running_prometheus(tmp_path, series=per_backend(ts, vs, labels={"namespace": "llm"})) as prom:
         spec = make_spec(prometheus={"url": prom.url, "query": QUERY})
-        reader = demand.PolicyDemand(spec)
+        reader = registry.PolicyDemand(spec)
         balancer.time = now - 1
         balancer.active = {"w0": 300, "w1": 290, "w2": 320}
         async with aiohttp.ClientSession() as session:
-            reading = await reader.read(
-                now, horizon_s=HORIZON_S, session=session, balancer_replicas=[balancer.address]
-            )
-        assert reading.errors == ()
-        h = reading.history
-        assert h is not None and h.forecast is not None and h.timestamps.size == 1440
-        assert h.forecast.horizon_s == 480 and h.forecast.computed_s == now
-        assert reading.signals is not None and reading.signals.active_streams == 910
-        plan = decide.decide(spec, now, h, reading.signals, state(3, now))
-        assert plan.demand_data_available
+            source = OnePolicy(reader, session, [balancer.address])
+            pipe = dry_pipeline(spec, source, FakeCluster(state(3, now)), clock_mod.FakeClock(start=now))
+            outcome = await pipe.reconcile()
+        assert outcome.demand_errors == ()
+        plan = outcome.plan
+        fc = plan.forecast
+        assert fc is not None and fc.horizon_s == 480 and fc.computed_s == now
+        assert plan.observed_demand == 910 and plan.demand_data_available
         # 910 streams now need 15 replicas at 64 each; the forecast may ask for more, never fewer.
         assert (
             plan.desired_replicas >= 15 and plan.observed_demand is not None and plan.observed_demand >= 910
         )
+        assert reader.prometheus_ is not None and reader.prometheus_.timestamps_.size == 1440
         assert reader.for_spec(spec) is reader
         moved = make_spec(prometheus={"url": prom.url, "query": QUERY}, staleAfterSeconds=30)
         assert reader.for_spec(moved) is not reader
@@ -104,49 +137,53 @@ async def test_unreachable_prometheus_is_reported_and_decide_holds(balancer: Bal
 
     now = 1_700_000_000.0
     spec = make_spec(prometheus={"url": f"http://127.0.0.1:{free_port()}", "query": QUERY})
-    reader = demand.PolicyDemand(spec)
+    reader = registry.PolicyDemand(spec)
     balancer.time = now
     async with aiohttp.ClientSession() as session:
-        reading = await reader.read(
-            now, horizon_s=HORIZON_S, session=session, balancer_replicas=[balancer.address]
-        )
-    assert reading.history is None and reading.signals is not None
-    assert len(reading.errors) == 1 and "unreachable" in reading.errors[0]
-    plan = decide.decide(spec, now, reading.history, reading.signals, state(5, now))
+        reading = await reader.read(now, session=session, balancer_replicas=[balancer.address])
+        assert reading.history is None and reading.signals is not None
+        assert len(reading.errors) == 1 and "unreachable" in reading.errors[0]
+        source = OnePolicy(reader, session, [balancer.address])
+        pipe = dry_pipeline(spec, source, FakeCluster(state(5, now)), clock_mod.FakeClock(start=now))
+        plan = (await pipe.reconcile()).plan
     assert not plan.demand_data_available and plan.reasons[0].code == "HistoryMissing"
     assert plan.desired_replicas == 5
 
 
 async def test_a_policy_without_prometheus_builds_its_history_from_signals(balancer: Balancer) -> None:
     spec = make_spec()
-    reader = demand.PolicyDemand(spec)
+    reader = registry.PolicyDemand(spec)
     now = 1_700_000_000.0 - 1_700_000_000.0 % 60
+    clock = clock_mod.FakeClock(start=now)
+    fake = FakeCluster(state(2, now))
     async with aiohttp.ClientSession() as session:
+        source = OnePolicy(reader, session, [balancer.address])
+        pipe = dry_pipeline(spec, source, fake, clock)
         balancer.time, balancer.active = now, {"w0": 100}
-        first = await reader.read(
-            now, horizon_s=HORIZON_S, session=session, balancer_replicas=[balancer.address]
-        )
-        assert first.history is not None and first.history.forecast is None
-        assert any("only 1 demand samples" in e for e in first.errors)
-        plan = decide.decide(spec, now, first.history, first.signals, state(2, now))
+        first = await pipe.reconcile()
+        assert first.plan.forecast is None
+        assert any("only 1 demand samples" in e for e in first.demand_errors)
+        plan = first.plan
         assert plan.reasons[0].code == "ForecastMissing" and plan.desired_replicas == 2
         for k in range(1, 4):
-            t = now + 60 * k
-            balancer.time, balancer.active = t, {"w0": 100 + 10 * k}
-            reading = await reader.read(
-                t, horizon_s=HORIZON_S, session=session, balancer_replicas=[balancer.address]
-            )
-        assert reading.errors == ()
-        h = reading.history
-        assert h is not None and h.values.tolist() == [100.0, 110.0, 120.0, 130.0] and h.forecast is not None
+            clock.advance(60)
+            balancer.time, balancer.active = now + 60 * k, {"w0": 100 + 10 * k}
+            outcome = await pipe.reconcile()
+        assert outcome.demand_errors == ()
+        h = reader.signals_history_.history()
+        assert h is not None and h.values.tolist() == [100.0, 110.0, 120.0, 130.0]
+        assert outcome.plan.forecast is not None
         # The balancer goes quiet: the signals-built history stops at its last sample and goes stale.
-        late = now + 60 * 3 + 120
-        gone = await reader.read(late, horizon_s=HORIZON_S, session=session, balancer_replicas=[])
-        plan = decide.decide(spec, late, gone.history, gone.signals, state(3, late))
+        clock.advance(120)
+        fake.current = state(3, clock.now())
+        source.replicas = []
+        gone = await pipe.reconcile()
+        plan = gone.plan
         assert not plan.demand_data_available and not plan.drain
-        assert gone.history is not None and gone.history.forecast is not None
+        peak = pipe.forecast_.last_
+        assert peak is not None
         # Held: never below the 3 there are; the (wide, four-sample) forecast may only raise it.
-        assert plan.desired_replicas == max(3, decide.replicas_for(gone.history.forecast.value, 64))
+        assert plan.desired_replicas == max(3, decide.replicas_for(peak.value, 64))
         assert {r.code for r in plan.reasons} >= {"HistoryStale", "SignalsMissing"}
 
 
@@ -163,29 +200,28 @@ def scaling_policy(port: int, prometheus_url: str | None = None) -> policy.Scali
 
 
 async def test_demands_is_the_loops_demand_source(balancer: Balancer) -> None:
-    from controller import loop
-
     asked: list[tuple[str, str]] = []
 
     def endpoints(namespace: str, service: str) -> list[str]:
         asked.append((namespace, service))
         return ["127.0.0.1"]
 
-    source = demand.Demands(balancer_endpoints=endpoints)
-    _: loop.DemandSource = source
+    source = registry.Demands(balancer_endpoints=endpoints)
+    _: pipeline.DemandSource = source
     port = int(balancer.address.rsplit(":", 1)[1])
     obj = scaling_policy(port)
     now = 1_700_000_000.0 - 1_700_000_000.0 % 60
     try:
         balancer.time, balancer.active = now, {"w0": 70, "w1": 60}
-        history, signals = await source.read(obj, now=now, horizon_s=HORIZON_S)
+        reading = await source.read(obj, now=now)
+        history, signals = reading.history, reading.signals
         assert asked == [("llm", "balancer")]
         assert signals is not None and signals.active_streams == 130
         assert history is not None and history.values.tolist() == [130.0]
-        assert any("demand samples" in e for e in source.errors("llm", "chat"))
+        assert source.errors("llm", "chat") == reading.errors == ()
         # The same policy again reuses its caches: the history grows.
         balancer.time = now + 60
-        history, _signals = await source.read(obj, now=now + 60, horizon_s=HORIZON_S)
+        history = (await source.read(obj, now=now + 60)).history
         assert history is not None and history.values.size == 2
     finally:
         await source.close()
@@ -196,14 +232,15 @@ async def test_demands_reports_endpoint_lookup_failures() -> None:
         raise RuntimeError("EndpointSlice watch not synced")
 
     for source, why in (
-        (demand.Demands(balancer_endpoints=broken), "endpoints unavailable: EndpointSlice watch not synced"),
-        (demand.Demands(), "no EndpointSlice lookup configured"),
+        (
+            registry.Demands(balancer_endpoints=broken),
+            "endpoints unavailable: EndpointSlice watch not synced",
+        ),
+        (registry.Demands(), "no EndpointSlice lookup configured"),
     ):
         try:
-            history, signals = await source.read(
-                scaling_policy(8081), now=1_700_000_000.0, horizon_s=HORIZON_S
-            )
-            assert history is None and signals is None
+            reading = await source.read(scaling_policy(8081), now=1_700_000_000.0)
+            assert reading.history is None and reading.signals is None
             assert any(why in e for e in source.errors("llm", "chat")), source.errors("llm", "chat")
         finally:
             await source.close()

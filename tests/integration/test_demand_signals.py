@@ -1,4 +1,4 @@
-"""`controller.demand.fetch_signals` against real aiohttp servers on loopback: replicas that answer, one that
+"""`controller.demand.balancers.fetch_signals` against real aiohttp servers on loopback: replicas that answer, one that
 is slow, one that is down, ones that answer garbage, an error or an old report; merged per backend."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web
 
 from contract import signals as sig
-from controller import cluster, decide, demand, policy
+from controller import cluster, decide, policy
+from controller.demand import balancers
 from tests.fakes.prometheus import free_port
 
 NOW = 1_700_000_000.0
@@ -111,7 +112,7 @@ async def test_merges_good_replicas_and_names_every_bad_one(
         ): "300 s old",
     }
     replicas = [*good, *bad]
-    reading = await demand.fetch_signals(session, replicas, now=NOW, stale_after_s=60, timeout_s=0.5)
+    reading = await balancers.fetch_signals(session, replicas, now=NOW, stale_after_s=60, timeout_s=0.5)
     snap = reading.snapshot
     assert snap is not None and reading.replicas == 8
     assert (
@@ -143,10 +144,11 @@ async def test_merges_good_replicas_and_names_every_bad_one(
         timestamps=ts,
         values=np.full(20, 1.0),
         fetched_s=NOW,
-        forecast=decide.PeakForecast(value=1, quantile=0.95, horizon_s=480, computed_s=NOW),
     )
+    peak = decide.PeakForecast(value=1, quantile=0.95, horizon_s=480, computed_s=NOW)
     pods = tuple(cluster.PodState(name=f"w{i}", phase="ready", created_s=NOW - 999) for i in range(6))
-    plan = decide.decide(spec, NOW, history, snap, cluster.ClusterState(spec_replicas=6, pods=pods))
+    state = cluster.ClusterState(spec_replicas=6, pods=pods)
+    plan = decide.decide(spec, NOW, history=history, forecast=peak, signals=snap, state=state)
     assert plan.reasons[0].code == "SignalsIncomplete" and not plan.demand_data_available
     assert plan.desired_replicas == 6 and not plan.drain and plan.observed_demand == 11
 
@@ -164,17 +166,17 @@ async def test_replicas_are_asked_at_the_same_time(servers: Servers, session: ai
         return handle
 
     replicas = [await servers.start(waits_for_other(0)), await servers.start(waits_for_other(1))]
-    reading = await demand.fetch_signals(session, replicas, now=NOW, stale_after_s=60, timeout_s=10)
+    reading = await balancers.fetch_signals(session, replicas, now=NOW, stale_after_s=60, timeout_s=10)
     assert reading.errors == () and reading.snapshot is not None
     assert reading.snapshot.active_streams == 2 and reading.snapshot.unreachable == ()
 
 
 async def test_no_usable_replica_gives_no_snapshot(session: aiohttp.ClientSession) -> None:
     down = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
-    reading = await demand.fetch_signals(session, down, now=NOW, stale_after_s=60, timeout_s=1)
+    reading = await balancers.fetch_signals(session, down, now=NOW, stale_after_s=60, timeout_s=1)
     assert reading.snapshot is None and len(reading.errors) == 2
     assert all("unreachable" in e for e in reading.errors)
-    empty = await demand.fetch_signals(session, [], now=NOW, stale_after_s=60)
+    empty = await balancers.fetch_signals(session, [], now=NOW, stale_after_s=60)
     assert empty.snapshot is None and "no balancer replicas" in empty.errors[0]
 
 
@@ -183,10 +185,10 @@ async def test_an_oversized_body_is_refused(servers: Servers, session: aiohttp.C
         resp = web.StreamResponse()
         await resp.prepare(_)
         chunk = b" " * (1024 * 1024)
-        for _i in range(demand.SIGNALS_MAX_BYTES // len(chunk) + 2):
+        for _i in range(balancers.SIGNALS_MAX_BYTES // len(chunk) + 2):
             await resp.write(chunk)
         return resp
 
     replica = await servers.start(huge)
-    reading = await demand.fetch_signals(session, [replica], now=NOW, stale_after_s=60, timeout_s=10)
+    reading = await balancers.fetch_signals(session, [replica], now=NOW, stale_after_s=60, timeout_s=10)
     assert reading.snapshot is None and "larger than" in reading.errors[0]

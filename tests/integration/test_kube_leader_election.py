@@ -45,9 +45,9 @@ async def test_only_the_leader_acts_and_the_other_takes_over_when_it_stops() -> 
         for name in ("a", "b"):
             client = kube_api_mod.client_for(api.url)
 
-            def counting(*args: Any, _name: str = name) -> decide.Plan:
+            def counting(*args: Any, _name: str = name, **inputs: Any) -> decide.Plan:
                 decided[_name] += 1
-                return decide.decide(*args)
+                return decide.decide(*args, **inputs)
 
             elector = lease.LeaseElector(
                 client, name="forestall-controller", namespace=NS, identity=name, clock=clock, **LEASE

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from contract import clock as clock_mod
 from contract import signals as signals_mod
-from controller import cluster, crd, decide, loop, metrics, policy
+from controller import cluster, crd, decide, loop, metrics, pipeline, policy
 from controller.kube import api as kube_api_mod
 from tests.fakes import crd_schema, kube_api
 from tests.fakes.kube_api import FakeKubeApi
@@ -29,7 +29,11 @@ STEP_S = 60.0
 
 
 class ScriptedDemand:
-    """Demand the test sets: a flat history at `level[policy]`, a forecast, and per-pod streams."""
+    """Demand the test sets: a flat history at `level[policy]`, a forecast, and per-pod streams.
+
+    It is the loop's `DemandSource`, and (through `forecaster`) its forecast factory: the forecast of a policy
+    is `forecast[policy]` (default its level), whatever the history says.
+    """
 
     def __init__(self, clock: clock_mod.FakeClock) -> None:
         self.clock = clock
@@ -41,34 +45,14 @@ class ScriptedDemand:
         self.available = True
         self.reads = 0
 
-    async def read(
-        self, scaling_policy: policy.ScalingPolicy, *, now: float, horizon_s: float
-    ) -> tuple[decide.DemandHistory | None, decide.SignalsSnapshot | None]:
+    async def read(self, scaling_policy: policy.ScalingPolicy, *, now: float) -> pipeline.DemandReading:
         self.reads += 1
         if not self.available:
-            return None, None
-        name = scaling_policy.metadata.name
-        level = self.level.get(name, 0.0)
+            return pipeline.DemandReading(None, None, ("scripted outage",))
+        level = self.level.get(scaling_policy.metadata.name, 0.0)
         stamps = np.arange(now - self.history_s, now + 1e-9, STEP_S)
         history = decide.DemandHistory(
-            step_s=STEP_S,
-            timestamps=stamps,
-            values=np.full(stamps.shape, level),
-            forecast=decide.PeakForecast(
-                value=self.forecast.get(name, level),
-                quantile=scaling_policy.spec.forecast.quantile,
-                horizon_s=horizon_s,
-                model="scripted",
-                computed_s=now,
-                # a straight ramp from the level now to the peak at the end of the horizon
-                path=tuple(
-                    float(x)
-                    for x in np.linspace(
-                        level, self.forecast.get(name, level), max(1, math.ceil(horizon_s / STEP_S))
-                    )
-                ),
-            ),
-            fetched_s=now,
+            step_s=STEP_S, timestamps=stamps, values=np.full(stamps.shape, level), fetched_s=now
         )
         backends = {
             f"10.0.0.{i}:8000": signals_mod.BackendSignals(
@@ -77,7 +61,36 @@ class ScriptedDemand:
             for i, (pod, count) in enumerate(sorted(self.streams.items()))
         }
         signals = decide.SignalsSnapshot(time_s=now, backends=backends)
-        return history, signals
+        return pipeline.DemandReading(history, signals)
+
+    def forecaster(self, scaling_policy: policy.ScalingPolicy) -> ScriptedForecast:
+        return ScriptedForecast(self, scaling_policy)
+
+
+class ScriptedForecast:
+    """One policy's scripted forecast: `forecast[name]`, a straight ramp from the level to it as the path."""
+
+    def __init__(self, demand: ScriptedDemand, scaling_policy: policy.ScalingPolicy) -> None:
+        self.demand = demand
+        self.name = scaling_policy.metadata.name
+        self.settings = scaling_policy.spec.forecast
+        self.error_: str | None = None
+        self.last_: decide.PeakForecast | None = None
+
+    def peak(
+        self, timestamps: np.ndarray, values: np.ndarray, *, now: float, horizon_s: float
+    ) -> decide.PeakForecast | None:
+        level = self.demand.level.get(self.name, 0.0)
+        peak = self.demand.forecast.get(self.name, level)
+        self.last_ = decide.PeakForecast(
+            value=peak,
+            quantile=self.settings.quantile,
+            horizon_s=horizon_s,
+            model="scripted",
+            computed_s=now,
+            path=tuple(float(x) for x in np.linspace(level, peak, max(1, math.ceil(horizon_s / STEP_S)))),
+        )
+        return self.last_
 
 
 class Env:
@@ -94,6 +107,7 @@ class Env:
             controller_metrics=metrics.ControllerMetrics(self.registry),
             namespace=NS,
             identity="test-controller",
+            forecasts=self.demand.forecaster,
             **controller,
         )
 
@@ -443,10 +457,10 @@ async def test_run_reconciles_on_change_and_on_interval_and_stops(make_env: Any)
 async def test_a_failing_reconcile_costs_one_policy_not_the_controller(make_env: Any) -> None:
     """Regression guard: an unexpected exception in one policy's reconcile must not end the cycle."""
 
-    def brittle(spec: policy.ScalingPolicySpec, *args: Any) -> decide.Plan:
+    def brittle(spec: policy.ScalingPolicySpec, now: float, **inputs: Any) -> decide.Plan:
         if spec.scale_target_ref.name == "broken":
             raise RuntimeError("a bug in one policy's decision")
-        return decide.decide(spec, *args)
+        return decide.decide(spec, now, **inputs)
 
     env = await make_env(decide_fn=brittle)
     ready_pods(env, "broken", 1)
@@ -466,10 +480,9 @@ async def test_an_overwritten_deletion_cost_is_reported_as_degraded(make_env: An
     env = await make_env()
     pods = ready_pods(env, "chat", 2)
 
-    def mark_first(
-        spec: policy.ScalingPolicySpec, now: float, history: Any, signals: Any, state: cluster.ClusterState
-    ) -> decide.Plan:
-        plan = decide.decide(spec, now, history, signals, state)
+    def mark_first(spec: policy.ScalingPolicySpec, now: float, **inputs: Any) -> decide.Plan:
+        plan = decide.decide(spec, now, **inputs)
+        state: cluster.ClusterState = inputs["state"]
         return dataclasses.replace(plan, desired_replicas=state.spec_replicas, deletion_cost={pods[0]: -5})
 
     env.controller.decide_fn = mark_first

@@ -1,5 +1,5 @@
 """Demand history from a real Prometheus: recorded demand backfilled with promtool, read by
-`controller.demand.PrometheusHistory` through prometheus-api-client, extended incrementally, and Prometheus
+`controller.demand.prometheus.PrometheusHistory` through prometheus-api-client, extended incrementally, and Prometheus
 going away mid-run (the history goes stale and `decide()` holds capacity)."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import pytest
 from aiohttp import web
 
 from contract.clock import SYSTEM
-from controller import cluster, decide, demand, forecasting, policy
+from controller import cluster, decide, forecasting, policy
+from controller.demand import prometheus
 from tests.fakes.prometheus import (
     PrometheusServer,
     Sample,
@@ -66,7 +67,7 @@ def prom(tmp_path_factory: pytest.TempPathFactory, recorded: Recorded) -> Iterat
 
 
 def test_first_read_returns_the_recorded_history(prom: PrometheusServer, recorded: Recorded) -> None:
-    reader = demand.PrometheusHistory(prom.url, QUERY, step_s=60.0, history_s=6 * 3600)
+    reader = prometheus.PrometheusHistory(prom.url, QUERY, step_s=60.0, history_s=6 * 3600)
     now = recorded.hour - 3600 + 5
     reading = reader.read(now)
     assert reading.error is None and reading.history is not None
@@ -78,23 +79,23 @@ def test_first_read_returns_the_recorded_history(prom: PrometheusServer, recorde
 
 
 def test_later_reads_query_only_the_new_tail(prom: PrometheusServer, recorded: Recorded) -> None:
-    reader = demand.PrometheusHistory(prom.url, QUERY, step_s=60.0, history_s=6 * 3600)
+    reader = prometheus.PrometheusHistory(prom.url, QUERY, step_s=60.0, history_s=6 * 3600)
     now = recorded.hour - 7200 + 5
     reader.read(now)
     before = len(prom.queries())
     for k in range(1, 6):
         reading = reader.read(now + 60 * k)
         assert reading.error is None and reading.history is not None
-        assert reading.queried_points == demand.REFETCH_STEPS + 2
+        assert reading.queried_points == prometheus.REFETCH_STEPS + 2
     logged = prom.queries()[before:]
     assert len(logged) == 5
     for k, q in enumerate(logged, start=1):
         end = now - 5 + 60 * k
         assert q["query"] == QUERY and q["step"] == 60
-        assert _unix(q["start"]) == end - 60 * (demand.REFETCH_STEPS + 1) and _unix(q["end"]) == end
+        assert _unix(q["start"]) == end - 60 * (prometheus.REFETCH_STEPS + 1) and _unix(q["end"]) == end
     h = reading.history
     assert h is not None and h.timestamps.size == 360  # the window slides, it does not grow
-    fresh = demand.PrometheusHistory(prom.url, QUERY, step_s=60.0, history_s=6 * 3600).read(now + 300)
+    fresh = prometheus.PrometheusHistory(prom.url, QUERY, step_s=60.0, history_s=6 * 3600).read(now + 300)
     assert fresh.history is not None
     np.testing.assert_array_equal(h.timestamps, fresh.history.timestamps)
     np.testing.assert_array_equal(h.values, fresh.history.values)
@@ -103,7 +104,7 @@ def test_later_reads_query_only_the_new_tail(prom: PrometheusServer, recorded: R
 def test_a_long_first_read_is_split_under_the_points_limit(
     prom: PrometheusServer, recorded: Recorded
 ) -> None:
-    reader = demand.PrometheusHistory(prom.url, QUERY, step_s=10.0, history_s=29 * 3600)
+    reader = prometheus.PrometheusHistory(prom.url, QUERY, step_s=10.0, history_s=29 * 3600)
     before = len(prom.queries())
     reading = reader.read(recorded.hour)
     assert reading.error is None and reading.history is not None
@@ -113,7 +114,7 @@ def test_a_long_first_read_is_split_under_the_points_limit(
 
 
 def test_a_query_returning_many_series_is_refused_clearly(prom: PrometheusServer, recorded: Recorded) -> None:
-    reader = demand.PrometheusHistory(
+    reader = prometheus.PrometheusHistory(
         prom.url, "forestall_balancer_active_streams", step_s=60.0, history_s=3600
     )
     reading = reader.read(recorded.hour)
@@ -123,7 +124,7 @@ def test_a_query_returning_many_series_is_refused_clearly(prom: PrometheusServer
 
 
 def test_invalid_promql_names_prometheus_error(prom: PrometheusServer, recorded: Recorded) -> None:
-    reading = demand.PrometheusHistory(prom.url, "sum(", step_s=60.0, history_s=3600).read(recorded.hour)
+    reading = prometheus.PrometheusHistory(prom.url, "sum(", step_s=60.0, history_s=3600).read(recorded.hour)
     assert reading.history is None and reading.error is not None
     assert "query failed" in reading.error and "400" in reading.error
 
@@ -153,10 +154,10 @@ def test_prometheus_going_away_holds_capacity_until_it_is_back(tmp_path: Path, r
         peak = forecasts.peak(
             history.timestamps, history.values, now=t, horizon_s=decide.horizon_s(spec, state)
         )
-        return decide.decide(spec, t, forecasting.with_forecast(history, peak), None, state)
+        return decide.decide(spec, t, history=history, forecast=peak, signals=None, state=state)
 
     with running_prometheus(tmp_path / "a", series=_samples(recorded), port=port) as server:
-        reader = demand.PrometheusHistory(server.url, QUERY, step_s=60.0, history_s=86400)
+        reader = prometheus.PrometheusHistory(server.url, QUERY, step_s=60.0, history_s=86400)
         first = reader.read(now)
         assert first.error is None
         plan = plan_at(now, first.history)
@@ -179,7 +180,7 @@ def test_prometheus_going_away_holds_capacity_until_it_is_back(tmp_path: Path, r
     with running_prometheus(tmp_path / "b", series=_samples(recorded), port=port):
         back = reader.read(now + 600)
         assert back.error is None and back.history is not None and back.history.fetched_s == now + 600
-        assert back.queried_points == 10 + demand.REFETCH_STEPS + 1
+        assert back.queried_points == 10 + prometheus.REFETCH_STEPS + 1
         np.testing.assert_array_equal(back.history.values, recorded.at(back.history.timestamps))
         assert plan_at(now + 600, back.history).demand_data_available
 
@@ -205,7 +206,7 @@ async def test_history_of_a_live_scraped_exporter(tmp_path: Path) -> None:
     try:
         scrape = [{"job_name": "balancer", "static_configs": [{"targets": [f"127.0.0.1:{port}"]}]}]
         with running_prometheus(tmp_path, scrape_configs=scrape, scrape_interval_s=1.0) as server:
-            reader = demand.PrometheusHistory(server.url, QUERY, step_s=1.0, history_s=120)
+            reader = prometheus.PrometheusHistory(server.url, QUERY, step_s=1.0, history_s=120)
             seen = await _until(reader, lambda v: v == 7)
             level["value"] = 12
             seen = await _until(reader, lambda v: v == 12)
@@ -215,8 +216,8 @@ async def test_history_of_a_live_scraped_exporter(tmp_path: Path) -> None:
 
 
 async def _until(
-    reader: demand.PrometheusHistory, ok: object, limit_s: float = 30.0
-) -> demand.HistoryReading:
+    reader: prometheus.PrometheusHistory, ok: object, limit_s: float = 30.0
+) -> prometheus.HistoryReading:
     """Read until the newest sample satisfies `ok` (Prometheus scrapes once a second) or give up."""
     deadline = SYSTEM.monotonic() + limit_s
     while True:

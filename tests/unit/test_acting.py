@@ -1,4 +1,4 @@
-"""apply_plan: marks before scaling, only what differs, idempotent."""
+"""apply_plan: marks before scaling, only what differs, idempotent, and what it did as typed actions."""
 
 from __future__ import annotations
 
@@ -20,7 +20,11 @@ def test_marks_pods_before_scaling_down() -> None:
         desired_replicas=1, remove=("a",), deletion_cost={"a": -100}, do_not_disrupt={"b": True}
     )
     done = acting.apply_plan(fake, plan, fake.state(), now=100.0)
-    assert done == ["do-not-disrupt b", "deletion-cost a=-100", "scale 2 -> 1"]
+    assert done == [
+        acting.DoNotDisrupt("b", keep=True),
+        acting.DeletionCost("a", -100),
+        acting.Scale(previous=2, replicas=1),
+    ]
     kinds = [call[0] for call in fake.calls]
     assert kinds.index("set_replicas") > kinds.index("annotate")
 
@@ -28,12 +32,28 @@ def test_marks_pods_before_scaling_down() -> None:
 def test_applying_the_same_plan_twice_changes_nothing() -> None:
     fake = FakeCluster(_state(a={}, b={}))
     plan = decide.Plan(desired_replicas=2, drain=("a",), do_not_disrupt={"a": False, "b": True})
-    assert acting.apply_plan(fake, plan, fake.state(), now=5.0) == ["drain a", "do-not-disrupt b"]
+    assert acting.apply_plan(fake, plan, fake.state(), now=5.0) == [
+        acting.Drain("a"),
+        acting.DoNotDisrupt("b", keep=True),
+    ]
     assert acting.apply_plan(fake, plan, fake.state(), now=6.0) == []
 
 
 def test_undrain_and_release_do_not_disrupt() -> None:
     fake = FakeCluster(_state(a={cluster.DRAIN_ANNOTATION: "1", cluster.DO_NOT_DISRUPT_ANNOTATION: "true"}))
     plan = decide.Plan(desired_replicas=1, undrain=("a",), do_not_disrupt={"a": False})
-    assert acting.apply_plan(fake, plan, fake.state(), now=5.0) == ["undrain a", "allow-disrupt a"]
+    done = acting.apply_plan(fake, plan, fake.state(), now=5.0)
+    assert done == [acting.Undrain("a"), acting.DoNotDisrupt("a", keep=False)]
     assert fake.state().pods[0].annotations == {}
+
+
+def test_actions_are_typed_and_read_as_their_log_line() -> None:
+    """Callers ask `isinstance(a, acting.Scale)`; `str()` is the log line the loop used to parse."""
+    fake = FakeCluster(_state(a={}))
+    plan = decide.Plan(desired_replicas=3, provision_gpus=8)
+    done = acting.apply_plan(fake, plan, fake.state(), now=5.0)
+    assert [type(a) for a in done] == [acting.Provision, acting.Scale]
+    assert [a.kind for a in done] == [acting.ActionKind.PROVISION, acting.ActionKind.SCALE]
+    assert [str(a) for a in done] == ["provision 8 GPUs", "scale 1 -> 3"]
+    scale = done[-1]
+    assert isinstance(scale, acting.Scale) and (scale.previous, scale.replicas) == (1, 3)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from controller import acting, cluster, decide
+from controller import acting, cluster
 from tests.fakes.cluster import FakeCluster
-from tests.unit.test_decide import NOW, drained_at, flat, make_signals, make_spec, ready_pods
+from tests.unit.test_decide import NOW, drained_at, flat, make_signals, make_spec, ready_pods, run
 
 
 def test_calls_are_recorded_and_next_error_raises_once() -> None:
@@ -54,13 +54,11 @@ def test_applying_a_removal_plan_removes_exactly_the_chosen_pods() -> None:
         pods=ready_pods(4, annotations={"w1": drained_at(NOW - 120), "w3": drained_at(NOW - 90)}),
     )
     fake = FakeCluster(state)
-    plan = decide.decide(
-        make_spec(), NOW, flat(12), make_signals({"w0": 6, "w1": 0, "w2": 6, "w3": 0}), state
-    )
+    plan = run(make_spec(), NOW, flat(12), make_signals({"w0": 6, "w1": 0, "w2": 6, "w3": 0}), state)
     assert set(plan.remove) == {"w1", "w3"}
     acting.apply_plan(fake, plan, fake.state(), now=NOW)
     assert {p.name for p in fake.current.pods} == {"w0", "w2"} and fake.current.spec_replicas == 2
     before = len(fake.calls)
-    again = decide.decide(make_spec(), NOW, flat(12), make_signals({"w0": 6, "w2": 6}), fake.state())
+    again = run(make_spec(), NOW, flat(12), make_signals({"w0": 6, "w2": 6}), fake.state())
     acting.apply_plan(fake, again, fake.state(), now=NOW)
     assert again.desired_replicas == 2 and [c for c, _ in fake.calls[before:] if c != "state"] == []

@@ -15,7 +15,7 @@ import numpy as np
 
 from contract import signals as sig
 from contract.clock import FakeClock
-from controller import cluster, decide, policy
+from controller import acting, cluster, decide, policy
 from tests.fakes.cluster import FakeCluster
 from tests.unit.test_decide import SPR, make_spec
 
@@ -101,9 +101,9 @@ class World:
             step_s=self.step_s,
             timestamps=np.asarray(self.ts),
             values=np.asarray(self.vs),
-            forecast=decide.PeakForecast(value=peak, quantile=0.95, horizon_s=horizon, computed_s=now),
             fetched_s=now,
         )
+        forecast = decide.PeakForecast(value=peak, quantile=0.95, horizon_s=horizon, computed_s=now)
         backends = {
             f"10.0.{i // 250}.{i % 250}:8000": sig.BackendSignals(
                 address=f"10.0.{i // 250}.{i % 250}:8000", pod=name, state="ready", active_streams=n
@@ -112,24 +112,22 @@ class World:
         }
         queued = max(0, round(demand) - sum(loads.values()))
         signals = decide.SignalsSnapshot(time_s=now, backends=backends, admission_queue=queued)
-        plan = decide.decide(self.spec, now, history, signals, state)
-        self.apply(plan, now, loads)
+        plan = decide.decide(self.spec, now, history=history, forecast=forecast, signals=signals, state=state)
+        self.apply(plan, now, loads, state)
         self.plans.append(plan)
         self.clock.advance(self.step_s)
         return plan
 
-    def apply(self, plan: decide.Plan, now: float, loads: dict[str, int]) -> None:
-        for pod in plan.drain:
-            self.fake.annotate(pod, {cluster.DRAIN_ANNOTATION: str(now)})
-            self.drain_load[pod] = (now, loads.get(pod, 0))
-            self.drain_marks.append(now)
-        for pod in plan.undrain:
-            self.fake.annotate(pod, {cluster.DRAIN_ANNOTATION: None})
-            self.drain_load.pop(pod, None)
-        for pod, cost in plan.deletion_cost.items():
-            self.fake.annotate(pod, {cluster.DELETION_COST_ANNOTATION: str(cost)})
+    def apply(
+        self, plan: decide.Plan, now: float, loads: dict[str, int], state: cluster.ClusterState
+    ) -> None:
         before = {p.name for p in self.fake.current.pods}
-        self.fake.set_replicas(plan.desired_replicas)
+        for action in acting.apply_plan(self.fake, plan, state, now=now):
+            if isinstance(action, acting.Drain):
+                self.drain_load[action.pod] = (now, loads.get(action.pod, 0))
+                self.drain_marks.append(now)
+            elif isinstance(action, acting.Undrain):
+                self.drain_load.pop(action.pod, None)
         gone = before - {p.name for p in self.fake.current.pods}
         assert gone == set(plan.remove), f"ReplicaSet removed {gone}, plan said {plan.remove}"
         self.removed_with_streams += sum(1 for pod in gone if loads.get(pod, 0) > 0)

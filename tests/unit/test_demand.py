@@ -6,13 +6,13 @@ import math
 
 import numpy as np
 
-from controller import demand
+from controller.demand import balancers, history
 
 T0 = 1_700_000_040.0  # a whole minute
 
 
 def test_signals_history_keeps_the_max_per_step_and_marks_missing_steps() -> None:
-    h = demand.SignalsHistory(step_s=60.0, history_s=600.0)
+    h = history.SignalsHistory(step_s=60.0, history_s=600.0)
     assert h.history() is None
     h.add(T0 + 1, 5)
     h.add(T0 + 16, 9)
@@ -28,7 +28,7 @@ def test_signals_history_keeps_the_max_per_step_and_marks_missing_steps() -> Non
 
 
 def test_signals_history_keeps_only_its_window_and_restarts_after_a_long_gap() -> None:
-    h = demand.SignalsHistory(step_s=60.0, history_s=300.0)
+    h = history.SignalsHistory(step_s=60.0, history_s=300.0)
     for k in range(12):
         h.add(T0 + 60 * k, float(k))
     got = h.history()
@@ -42,7 +42,7 @@ def test_signals_history_keeps_only_its_window_and_restarts_after_a_long_gap() -
 
 
 def test_replica_addresses_bracket_ipv6() -> None:
-    assert demand.replica_addresses(["10.0.0.5", "fd00::1", "balancer-0.balancer.ns.svc"], 8081) == [
+    assert balancers.replica_addresses(["10.0.0.5", "fd00::1", "balancer-0.balancer.ns.svc"], 8081) == [
         "10.0.0.5:8081",
         "[fd00::1]:8081",
         "balancer-0.balancer.ns.svc:8081",

@@ -105,16 +105,17 @@ def test_an_off_grid_update_fails_clearly_and_refits_next_time() -> None:
     assert pf.peak(ts, vs, now=ts[-1], horizon_s=480) is not None and pf.fits_ == 2
 
 
-def test_policy_forecasts_recreate_on_settings_change_and_forget() -> None:
-    many = forecasting.PolicyForecasts()
-    a = many.get("ns/a", settings())
-    assert many.get("ns/a", settings()) is a
-    b = many.get("ns/a", settings(quantile=0.99))
-    assert b is not a and b.settings.quantile == 0.99
-    many.get("ns/b", settings())
-    assert len(many) == 2
-    many.forget("ns/a")
-    assert len(many) == 1
+def test_long_histories_switch_to_the_long_refit_interval() -> None:
+    """The simulator's week-long runs refit every 6 hours once a day of history is in (30 refits, not 168)."""
+    pf = forecasting.PolicyForecast(settings(), refit_every_s=3600.0, refit_every_long_s=6 * 3600.0)
+    ts, vs = series(3 * 1440)
+    day = 1440
+    assert pf.peak(ts[:60], vs[:60], now=ts[59], horizon_s=480) is not None
+    assert pf.forecaster_ is not None and pf.forecaster_.refit_every_s == 3600.0
+    pf.peak(ts[: day - 10], vs[: day - 10], now=ts[day - 11], horizon_s=480)
+    assert pf.forecaster_.refit_every_s == 3600.0
+    pf.peak(ts[: day + 10], vs[: day + 10], now=ts[day + 9], horizon_s=480)
+    assert pf.forecaster_.refit_every_s == 6 * 3600.0
 
 
 def test_policy_model_names_map_onto_the_forecast_package() -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from controller import policy
-from emulation import simulate, traces
+from emulation import results, simulate, traces
 
 START = dt.datetime(2024, 5, 13, tzinfo=dt.UTC)
 TOKENS = 90
@@ -51,11 +51,11 @@ def request_trace(tmp_path: Path, phases: list[tuple[float, float]], name: str =
     return traces.read_trace(path)
 
 
-def run(trace: traces.Trace, **kw: object) -> simulate.SimResult:
+def run(trace: traces.Trace, **kw: object) -> results.SimResult:
     return simulate.simulate(trace, spec(), policies=("forestall", "reactive", "reactive-ca"), **kw)  # type: ignore[arg-type]
 
 
-def conserved(r: simulate.SimResult) -> None:
+def conserved(r: results.SimResult) -> None:
     for p in r.policies.values():
         assert p.arrived == p.completed + p.rejected + p.cut + p.running + p.queued, p.name
 
