@@ -90,6 +90,9 @@ class ReconcileSample:
     """How long after its scheduled time the reconcile started (machine load shows here)."""
     demand: float
     admission_queue: int
+    """Streams waiting in the balancer for a free backend slot."""
+    worker_queued: int
+    """Streams the workers report waiting for a decode slot (the balancer caps each at its slots, so 0)."""
     spec_replicas: int
     ready_replicas: int
     desired_replicas: int
@@ -155,13 +158,14 @@ class ViewReporter:
         for action in outcome.actions:
             self.view.events.append(f"{clock_mod.utc_iso(now)[11:19]} {action}")
         self.view.plan, self.view.vnow = outcome.plan, now
-        signals_seen = self.view
+        signals_seen = self.view  # what the demand source read this reconcile
         self.timeline.append(
             ReconcileSample(
                 now_s=now,
                 late_s=max(0.0, now - self.scheduled_s) if self.scheduled_s is not None else 0.0,
                 demand=signals_seen.demand,
                 admission_queue=signals_seen.admission_queue,
+                worker_queued=sum(b.queued_streams for b in signals_seen.backends.values()),
                 spec_replicas=outcome.state.spec_replicas,
                 ready_replicas=outcome.state.ready_replicas,
                 desired_replicas=outcome.plan.desired_replicas,

@@ -1,0 +1,142 @@
+"""`forestall demo`'s live row against its own simulated Forestall row: where the live streams waited.
+
+Runs the demo (no live view, no Prometheus) and, beside its table, measures:
+
+- each stream's wait to first byte (virtual seconds), split by what the cluster looked like when it arrived:
+  capacity short (the balancer's admission queue held streams, or demand exceeded the Ready slots, at the
+  nearest reconcile) or not; the streams that waited with capacity free measure the machine (relay and
+  process scheduling on a shared CPU, multiplied by the time scale, plus the worker's emulated prefill);
+- the workers' own queue (streams waiting for a decode slot, from `/signals`);
+- controller timing: how late each reconcile started against its schedule (virtual seconds);
+- the machine: load average before and after, and the CPU seconds the demo and its children used.
+
+    .venv/bin/python -m bench.demo_gap                 # records the BENCHMARKS.md section
+    .venv/bin/python -m bench.demo_gap --duration 60 --no-record
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import sys
+import time
+
+import numpy as np
+from rich.console import Console
+
+from bench import _record
+from emulation import demo, results
+
+
+def cpu_children_s() -> tuple[float, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def analyse(run: demo.DemoRun, opts: demo.DemoOptions) -> dict[str, float]:
+    stats, timeline = run.stats, run.timeline
+    slo = run.result.spec.slo.time_to_first_token_s
+    slots = opts.slots
+    waits = np.asarray(stats.waits_s)
+    arrived = np.asarray(stats.arrivals_s)
+    t = np.asarray([s.now_s for s in timeline])
+    short = np.asarray(
+        [s.admission_queue > 0 or s.demand > s.ready_replicas * slots for s in timeline], dtype=bool
+    )
+    idx = np.clip(np.searchsorted(t, arrived, side="right") - 1, 0, max(0, t.size - 1))
+    when_short = short[idx] if t.size else np.zeros(waits.size, dtype=bool)
+    late = np.asarray([s.late_s for s in timeline]) if timeline else np.zeros(1)
+    free = waits[~when_short] if waits.size else np.zeros(1)
+    tight = waits[when_short] if when_short.any() else np.zeros(0)
+    return {
+        "streams": float(waits.size),
+        "missed": float((waits > slo).sum()),
+        "missed_capacity_short": float(((waits > slo) & when_short).sum()),
+        "missed_capacity_free": float(((waits > slo) & ~when_short).sum()),
+        "arrived_capacity_short": float(when_short.sum()),
+        "wait_free_p50": float(np.percentile(free, 50)) if free.size else 0.0,
+        "wait_free_p99": float(np.percentile(free, 99)) if free.size else 0.0,
+        "wait_short_p99": float(np.percentile(tight, 99)) if tight.size else 0.0,
+        "reconciles_short": float(short.sum()),
+        "reconciles": float(len(timeline)),
+        "worker_queued_max": float(max((s.worker_queued for s in timeline), default=0)),
+        "admission_queue_max": float(max((s.admission_queue for s in timeline), default=0)),
+        "late_p50": float(np.percentile(late, 50)),
+        "late_max": float(late.max()),
+    }
+
+
+def row(r: results.PolicyResult) -> str:
+    return (
+        f"| {r.name} | {r.slo_attainment:.3%} | {r.wait_p50_s:.2f} s | {r.wait_p99_s:.2f} s | {r.rejected} "
+        f"| {r.cut} | {r.gpu_hours:.2f} | {r.scale_events} |"
+    )
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=float, default=180.0, help="wall seconds (default 180, as the demo)")
+    p.add_argument("--time-scale", type=float, default=8.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-record", action="store_true")
+    args = p.parse_args()
+    opts = demo.DemoOptions(
+        duration_s=args.duration,
+        time_scale=args.time_scale,
+        seed=args.seed,
+        live_view=False,
+        prometheus=False,
+    )
+    load0 = os.getloadavg()
+    cpu0 = cpu_children_s()
+    wall0 = time.perf_counter()
+    run = asyncio.run(demo.run_measured(opts, console=Console(file=sys.stderr)))
+    wall = time.perf_counter() - wall0
+    cpu1 = cpu_children_s()
+    load1 = os.getloadavg()
+    a = analyse(run, opts)
+    live = run.result.policies["forestall (live)"]
+    sim = run.result.policies["forestall (simulated)"]
+    lines = [
+        f"{args.duration:g} wall s at {args.time_scale:g}x ({args.duration * args.time_scale / 60:.0f} virtual "
+        f"minutes), seed {args.seed}; wall {wall:.0f} s, CPU: demo process {cpu1[0] - cpu0[0]:.0f} s, its "
+        f"children (balancer, workers) {cpu1[1] - cpu0[1]:.0f} s; load average {load0[0]:.1f} before, "
+        f"{load1[0]:.1f} after (2 cores).",
+        "",
+        "| row | SLO met | wait p50 | wait p99 | rejected | cut | GPU-h | scale events |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        row(live),
+        row(sim),
+        "",
+        "| where the live streams waited (virtual seconds) | measured |",
+        "| --- | ---: |",
+        f"| streams that got a first byte | {a['streams']:.0f} |",
+        f"| missed the SLO (first byte > 2 s) | {a['missed']:.0f} |",
+        f"| ... arriving while capacity was short (balancer queue > 0 or demand > Ready slots) "
+        f"| {a['missed_capacity_short']:.0f} |",
+        f"| ... arriving with capacity free (machine: relay, scheduling, x time scale) | {a['missed_capacity_free']:.0f} |",
+        f"| reconciles that saw capacity short | {a['reconciles_short']:.0f} of {a['reconciles']:.0f} |",
+        f"| largest balancer admission queue seen | {a['admission_queue_max']:.0f} |",
+        f"| largest worker queue seen (streams waiting for a decode slot) | {a['worker_queued_max']:.0f} |",
+        f"| wait with capacity free, p50 / p99 (includes the worker's 0.2 s prefill) "
+        f"| {a['wait_free_p50']:.2f} s / {a['wait_free_p99']:.2f} s |",
+        f"| wait with capacity short, p99 | {a['wait_short_p99']:.2f} s |",
+        f"| reconcile start late vs schedule, p50 / max | {a['late_p50']:.2f} s / {a['late_max']:.2f} s |",
+    ]
+    body = "\n".join(lines)
+    print(body)
+    if not args.no_record:
+        _record.record(
+            "demo_gap",
+            "forestall demo: live row vs its simulated Forestall row",
+            body,
+            command=".venv/bin/python -m bench.demo_gap " + " ".join(sys.argv[1:]),
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
