@@ -117,8 +117,8 @@ def apply_plan(
 ) -> list[Action]:
     """Make `plan` true on `c`, given the `state` it was decided from; returns what was done, in order."""
     done: list[Action] = []
-    pods = {p.name: p for p in state.pods}
     stamp = f"{now:.0f}"
+    pods = {p.name: p for p in state.pods} if plan.drain or plan.undrain or plan.deletion_cost else {}
     for name in plan.drain:
         if name in pods and pods[name].drain_started_s is None:
             c.annotate(name, {cluster.DRAIN_ANNOTATION: stamp})
@@ -127,17 +127,15 @@ def apply_plan(
         if name in pods and cluster.DRAIN_ANNOTATION in pods[name].annotations:
             c.annotate(name, {cluster.DRAIN_ANNOTATION: None})
             done.append(Undrain(name))
-    for name, keep in plan.do_not_disrupt.items():
-        pod = pods.get(name)
-        if pod is None:
-            continue
-        has = pod.annotations.get(cluster.DO_NOT_DISRUPT_ANNOTATION) == "true"
-        if keep and not has:
-            c.annotate(name, {cluster.DO_NOT_DISRUPT_ANNOTATION: "true"})
-            done.append(DoNotDisrupt(name, keep=True))
-        elif not keep and has:
-            c.annotate(name, {cluster.DO_NOT_DISRUPT_ANNOTATION: None})
-            done.append(DoNotDisrupt(name, keep=False))
+    marks = plan.do_not_disrupt
+    if marks:  # one pass over the pods, not a lookup per mark: this runs every reconcile for every pod
+        for pod in state.pods:
+            keep = marks.get(pod.name)
+            if keep is None:
+                continue
+            if keep != (pod.annotations.get(cluster.DO_NOT_DISRUPT_ANNOTATION) == "true"):
+                c.annotate(pod.name, {cluster.DO_NOT_DISRUPT_ANNOTATION: "true" if keep else None})
+                done.append(DoNotDisrupt(pod.name, keep=keep))
     for name, cost in plan.deletion_cost.items():
         if name in pods and pods[name].annotations.get(cluster.DELETION_COST_ANNOTATION) != str(cost):
             c.annotate(name, {cluster.DELETION_COST_ANNOTATION: str(cost)})

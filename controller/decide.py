@@ -44,8 +44,8 @@ How it decides (every branch adds a `Reason`):
   request, replicas follow the peak over the pod horizon only (pod start + model load, read off the
   forecast path) and GPUs for the rest of the full-horizon peak are held through the provisioner.
 
-What it does not do: fit forecasts, read clocks or APIs, or apply anything (`controller.loop`/`controller.kube`
-or the simulator apply the `Plan`). Hot backends that are not session-bound are left to the balancer.
+What it does not do: fit forecasts, read clocks or APIs, or apply anything (`controller.pipeline` applies the
+`Plan` through `controller.acting`). Hot backends that are not session-bound are left to the balancer.
 """
 
 from __future__ import annotations

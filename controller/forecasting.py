@@ -94,8 +94,7 @@ class PolicyForecast:
         n = int(timestamps.size)
         if n == 0:
             return self._fail("no demand history to forecast from")
-        tail = np.nan_to_num(values[-(REFEED_STEPS + 1) :], nan=-1.0, posinf=-2.0, neginf=-3.0)
-        key = _Key(float(timestamps[-1]), tuple(tail.tolist()), n, horizon_steps)
+        key = _Key(float(timestamps[-1]), _tail(values), n, horizon_steps)
         if key == self.key_ and self.last_ is not None:
             self.last_ = replace(self.last_, computed_s=now)
             return self.last_
@@ -149,3 +148,20 @@ class PolicyForecast:
         self.key_ = None
         self.last_ = None
         return None
+
+
+def _tail(values: FloatArray) -> tuple[float, ...]:
+    """The samples fed again each call, NaN as -1 and infinities as -2/-3 so that equal tails compare equal.
+
+    Plain Python on four floats: this runs at every reconcile (the simulator's every 15 s tick), where
+    `np.nan_to_num` cost more than the rest of a cached call.
+    """
+    out = []
+    for v in values[-(REFEED_STEPS + 1) :].tolist():
+        if v != v:
+            out.append(-1.0)
+        elif v in (math.inf, -math.inf):
+            out.append(-2.0 if v > 0 else -3.0)
+        else:
+            out.append(v)
+    return tuple(out)

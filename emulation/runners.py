@@ -140,15 +140,21 @@ class ForestallRunner(Runner):
     ) -> None:
         super().__init__(name, spec, c, book)
         self.step_s = spec.forecast.step_s
-        n = math.ceil((end_s - start_s) / self.step_s) + 2
-        self.h_t: FloatArray = start_s + (np.arange(n, dtype=np.float64) + 1.0) * self.step_s
-        """Step `m + i` holds the max of the samples in [start + i step, start + (i+1) step), labelled with
-        its end (as `max_over_time(...[step])` evaluated at the end would be); the `m` before are `prior`."""
-        self.h_v = np.full(n, np.nan)
         self.m = 0
         """Steps of history from before the run (`prior`), at the front of `h_t`/`h_v`."""
+        self.grid0_s = start_s
+        """Start of the first step after `prior` (its last label: the run's steps continue its grid, or the
+        forecaster would refuse the history as off-grid)."""
         if prior is not None and prior[0].size:
             self.m = int(prior[0].size)
+            self.grid0_s = float(prior[0][-1])
+        n = math.ceil((end_s - self.grid0_s) / self.step_s) + 2
+        self.h_t: FloatArray = self.grid0_s + (np.arange(n, dtype=np.float64) + 1.0) * self.step_s
+        """Step `m + i` holds the max of the samples in [grid0 + i step, grid0 + (i+1) step), labelled with
+        its end (as `max_over_time(...[step])` evaluated at the end would be); the `m` before are `prior`."""
+        self.h_v = np.full(n, np.nan)
+        if self.m:
+            assert prior is not None
             self.h_t = np.concatenate([np.asarray(prior[0], dtype=np.float64), self.h_t])
             self.h_v = np.concatenate([np.asarray(prior[1], dtype=np.float64), self.h_v])
         self.start_s = start_s
@@ -171,7 +177,7 @@ class ForestallRunner(Runner):
 
     def observe(self, now: float, demand: float) -> None:
         """A demand sample at `now` (what a 15 s scrape sees); the history keeps the max per step."""
-        i = self.m + int((now - self.start_s) // self.step_s)
+        i = self.m + int((now - self.grid0_s) // self.step_s)
         if i >= self.h_v.size:
             return
         cur = self.h_v[i]
@@ -179,7 +185,7 @@ class ForestallRunner(Runner):
 
     def reconcile(self, now: float, demand: float) -> None:
         self.observe(now, demand)
-        self.n_done = min(self.m + int((now - self.start_s) // self.step_s), self.h_v.size)
+        self.n_done = max(0, min(self.m + int((now - self.grid0_s) // self.step_s), self.h_v.size))
         self.clock.now_s = now
         pipeline.run_inline(self.pipeline.reconcile())
         self.peak = self.pipeline.forecast_.last_
