@@ -207,3 +207,35 @@ async def tick(cl: local.LocalCluster, *, vc: VirtualClock, end_s: float) -> Non
     while (now := vc.now()) < end_s:
         cl.tick(now)
         await vc.wall.sleep(0.2)
+
+
+@dataclass(frozen=True)
+class SignalsSample:
+    """The balancer's view at one instant (virtual seconds), for the demo's measurements."""
+
+    now_s: float
+    admission_queue: int
+    active_streams: int
+    ready_slots: int
+    """Stream slots on Ready, undrained pods of the local cluster."""
+
+
+async def sample(
+    http: aiohttp.ClientSession,
+    cl: local.LocalCluster,
+    out: list[SignalsSample],
+    *,
+    admin_port: int,
+    every_s: float,
+    vc: VirtualClock,
+    end_s: float,
+) -> None:
+    """Read /signals every `every_s` wall seconds into `out` (measurements only; the controller never sees it)."""
+    slots = cl.spec.capacity.streams_per_replica
+    while (now := vc.now()) < end_s:
+        snapshot = await read_signals(http, admin_port, now)
+        if snapshot is not None:
+            state = cl.state()
+            ready = sum(1 for p in state.pods if p.phase == "ready" and p.drain_started_s is None)
+            out.append(SignalsSample(now, snapshot.admission_queue, snapshot.active_streams, ready * slots))
+        await vc.wall.sleep(every_s)
