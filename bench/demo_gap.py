@@ -68,6 +68,12 @@ def analyse(run: demo.DemoRun, opts: demo.DemoOptions) -> dict[str, float]:
         "samples": float(len(run.samples)),
         "worker_queued_max": float(max((s.worker_queued for s in timeline), default=0)),
         "admission_queue_max": float(max((s.admission_queue for s in timeline), default=0)),
+        "stretch_p50": float(np.percentile(stats.stretch, 50)) if stats.stretch else 0.0,
+        "stretch_p90": float(np.percentile(stats.stretch, 90)) if stats.stretch else 0.0,
+        "live_demand_mean": float(np.mean([x.active_streams + x.admission_queue for x in run.samples]))
+        if run.samples
+        else 0.0,
+        "sim_demand_mean": float(np.mean(run.result.demand_per_s)) if run.result.demand_per_s.size else 0.0,
         "late_p50": float(np.percentile(late, 50)),
         "late_max": float(late.max()),
     }
@@ -149,9 +155,12 @@ def main() -> int:
         f"| {a['samples_short']:.0f} of {a['samples']:.0f} |",
         f"| largest balancer admission queue seen | {a['admission_queue_max']:.0f} |",
         f"| largest worker queue seen (streams waiting for a decode slot) | {a['worker_queued_max']:.0f} |",
-        f"| wait with capacity free, p50 / p99 "
-        f"| {a['wait_free_p50']:.2f} s / {a['wait_free_p99']:.2f} s |",
+        f"| wait with capacity free, p50 / p99 | {a['wait_free_p50']:.2f} s / {a['wait_free_p99']:.2f} s |",
         f"| wait with capacity short, p99 | {a['wait_short_p99']:.2f} s |",
+        f"| stream decode time over its trace length (slot held longer than simulated), p50 / p90 "
+        f"| {a['stretch_p50']:.2f}x / {a['stretch_p90']:.2f}x |",
+        f"| mean concurrent demand: live (active + queued, sampled) / simulated (oracle) "
+        f"| {a['live_demand_mean']:.1f} / {a['sim_demand_mean']:.1f} |",
         f"| reconcile start late vs schedule, p50 / max | {a['late_p50']:.2f} s / {a['late_max']:.2f} s |",
         "",
         "| agreement (tolerance in `bench/demo_gap.py` TOLERANCE) | within | measured |",

@@ -84,6 +84,12 @@ class StreamStats:
     cut: int = 0
     failed: int = 0
     waits_s: list[float] = field(default_factory=list)
+    sent: list[tuple[float, int]] = field(default_factory=list)
+    """(arrival, output tokens) of every stream sent, tokens rounded up to whole chunks as relayed: the
+    simulated rows replay exactly these streams."""
+    stretch: list[float] = field(default_factory=list)
+    """Per completed stream: virtual seconds from first to last byte over the trace's stream length (1.0 when
+    the machine keeps up; above 1 the stream held its slot longer than the simulator's copy does)."""
     arrivals_s: list[float] = field(default_factory=list)
     """Arrival time of each stream in `waits_s` (same order), to tell when the waits happened."""
     running: int = 0
@@ -151,7 +157,9 @@ async def run_measured(opts: DemoOptions, *, console: Console) -> DemoRun:
         # Start where a cluster would be: sized for the last hour's peak demand.
         initial = initial_replicas(history_v, spec)
         cl.start(v0, initial)
-        procs.append(demo_processes.start_balancer(listen, admin, backends_file, workdir))
+        procs.append(
+            demo_processes.start_balancer(listen, admin, backends_file, workdir, time_scale=opts.time_scale)
+        )
         await demo_processes.wait_port(admin)
         ctl_metrics = metrics.ControllerMetrics()
         metrics_port = local.free_port(HOST)
@@ -252,7 +260,10 @@ async def _load(
             for t, d in zip(times, durations, strict=True):
                 await vc.sleep_until(float(t))
                 chunks = max(1, math.ceil(d / spt / opts.tokens_per_chunk))
-                task = asyncio.create_task(_one_stream(http, url, chunks, stats, vc=vc, arrived=float(t)))
+                stats.sent.append((float(t), chunks * opts.tokens_per_chunk))
+                task = asyncio.create_task(
+                    _one_stream(http, url, chunks, stats, vc=vc, arrived=float(t), length_s=float(d))
+                )
                 running.add(task)
                 task.add_done_callback(running.discard)
             if not times.size:
@@ -272,8 +283,10 @@ async def _one_stream(
     *,
     vc: demo_controller.VirtualClock,
     arrived: float,
+    length_s: float,
 ) -> None:
     stats.arrived += 1
+    first_at = arrived
     body = {
         "model": "demo",
         "stream": True,
@@ -293,7 +306,8 @@ async def _one_stream(
             async for line in resp.content:
                 if not first:
                     first = True
-                    stats.waits_s.append(max(0.0, vc.now() - arrived))
+                    first_at = vc.now()
+                    stats.waits_s.append(max(0.0, first_at - arrived))
                     stats.arrivals_s.append(arrived)
                 if line.startswith(b"data: [DONE]"):
                     done = True
@@ -301,6 +315,7 @@ async def _one_stream(
                     break
             if done:
                 stats.completed += 1
+                stats.stretch.append((vc.now() - first_at) / max(length_s, 1e-9))
             else:
                 stats.cut += 1
     except (aiohttp.ClientError, TimeoutError):
@@ -348,9 +363,9 @@ def _results(
         scale_events=cl.scale_events,
     )
     simulated = simulate.simulate(
-        _window(trace, start_s, end_s),
+        _sent(stats, trace, start_s, end_s) if stats.sent else _window(trace, start_s, end_s),
         spec,
-        scale=scale,
+        scale=scale if not stats.sent else 1.0,
         seed=seed,
         initial_replicas=initial,
         prior_history=history,
@@ -359,7 +374,24 @@ def _results(
         name if name.startswith("oracle") else f"{name} (simulated)": r
         for name, r in simulated.policies.items()
     }
-    return dataclasses.replace(simulated, policies={live.name: live, **renamed})
+    return dataclasses.replace(simulated, scale=scale, policies={live.name: live, **renamed})
+
+
+def _sent(stats: StreamStats, trace: traces.Trace, start_s: float, end_s: float) -> traces.Trace:
+    """The streams the live run sent, as a request trace: the simulated rows replay the very same streams
+    (arrival times and lengths), so the rows differ by the cluster and the machine, not by random draws."""
+    arrival = np.asarray([t for t, _ in stats.sent], dtype=np.float64)
+    tokens = np.asarray([n for _, n in stats.sent], dtype=np.float64)
+    order = np.argsort(arrival, kind="stable")
+    return traces.Trace(
+        kind="requests",
+        start_s=start_s,
+        end_s=end_s,
+        source=trace.source,
+        columns=trace.columns,
+        arrival_s=arrival[order],
+        tokens=tokens[order],
+    )
 
 
 def _window(trace: traces.Trace, start_s: float, end_s: float) -> traces.Trace:

@@ -26,7 +26,17 @@ from emulation import local
 HOST = "127.0.0.1"
 
 
-def start_balancer(listen: int, admin: int, backends_file: Path, workdir: Path) -> subprocess.Popen[bytes]:
+DISCOVERY_LAG_S = 1.0
+"""Virtual seconds the demo's balancer may take to see a pod join or leave: about what an EndpointSlice watch
+takes in a cluster. The backends file is polled every `DISCOVERY_LAG_S / time_scale` wall seconds; at its
+default (1 wall s) a Ready pod waited up to 8 virtual seconds at 8x before it took streams, while the
+simulator, like a cluster, uses it at once."""
+
+
+def start_balancer(
+    listen: int, admin: int, backends_file: Path, workdir: Path, *, time_scale: float = 1.0
+) -> subprocess.Popen[bytes]:
+    """The real balancer on loopback, reading the local cluster's backends file."""
     with open(workdir / "balancer.log", "wb") as log:  # the child keeps its own copy of the descriptor
         return _popen(
             [
@@ -40,6 +50,8 @@ def start_balancer(listen: int, admin: int, backends_file: Path, workdir: Path) 
                 f"{HOST}:{admin}",
                 "--backends-file",
                 str(backends_file),
+                "--set",
+                f"reload_interval_s={DISCOVERY_LAG_S / time_scale:g}",
             ],
             log,
         )
