@@ -128,6 +128,7 @@ async def test_every_call_the_controller_makes_is_granted_by_the_manifests() -> 
             controller_metrics=metrics.ControllerMetrics(CollectorRegistry()),
             identity="rbac",
             elector=elector,
+            forecasts=demand.forecaster,
         )
         stop = asyncio.Event()
         task = asyncio.create_task(controller.run(stop))

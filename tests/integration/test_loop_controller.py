@@ -22,6 +22,7 @@ from contract import signals as signals_mod
 from controller import cluster, crd, decide, loop, metrics, pipeline, policy
 from controller.kube import api as kube_api_mod
 from tests.fakes import crd_schema, kube_api
+from tests.fakes.cluster import FakeCluster
 from tests.fakes.kube_api import FakeKubeApi
 
 NS = "llm"
@@ -508,3 +509,26 @@ async def test_an_overwritten_deletion_cost_is_reported_as_degraded(make_env: An
     assert (
         stored is not None and stored["metadata"]["annotations"][cluster.DELETION_COST_ANNOTATION] == "1000"
     )
+
+
+async def test_the_loop_reconciles_whatever_cluster_the_factory_gives(make_env: Any) -> None:
+    """The loop builds no `KubeCluster` itself: with a factory, its pipeline acts on the cluster it returns,
+    and the status still reaches the API server."""
+    now = 1_800_000_000.0
+    pod = cluster.PodState(name="w0", phase="ready", created_s=now - 3600, ready_s=now - 3000, node="n0")
+    fake = FakeCluster(cluster.ClusterState(spec_replicas=1, pods=(pod,)), now_s=now)
+    made: list[tuple[str, object]] = []
+
+    def factory(parsed: policy.ScalingPolicy, current: cluster.Cluster | None) -> cluster.Cluster:
+        made.append((parsed.metadata.name, current))
+        return fake
+
+    env = await make_env(cluster_factory=factory)
+    env.api.put(kube_api.scaling_policy("chat", NS))
+    env.demand.level["chat"] = 35.0
+    await start(env)
+    await env.reconcile()
+    assert made == [("chat", None)]
+    assert fake.names("set_replicas") == [(4,)]
+    assert env.status("chat")["desiredReplicas"] == 4
+    assert env.condition("chat", "Ready")["status"] == "True"
