@@ -1,8 +1,10 @@
 """The cluster seam: what the controller reads from a cluster and the few things it does to one.
 
 Three implementations share this protocol: `controller.kube.cluster` (a real Kubernetes API server, through
-the official client), `emulation.sim` (an in-memory cluster with start-up delays, for `forestall simulate`) and a
-local one that starts real worker processes (for `forestall demo`). Tests use `tests.fakes.cluster`.
+the official client), `emulation.sim` (an in-memory cluster with start-up delays, for `forestall simulate`)
+and a local one that starts real worker processes (for `forestall demo`). Tests use `tests.fakes.cluster`.
+`controller.pipeline` is the only caller: every reconcile reads `state()` and applies its plan through
+`controller.acting`.
 
 State the controller needs between reconciles lives in the cluster, not in the controller's memory: a pod's
 drain mark carries the time it was set (`DRAIN_ANNOTATION`), so `decide()` stays a pure function and a new

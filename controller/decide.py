@@ -1,9 +1,9 @@
 """The decision, as one pure function: `decide(spec, now, history=, forecast=, signals=, state=) -> Plan`.
 
 No I/O and no clock: time is the `now` argument, the demand history comes in `history`, the forecast of its
-peak in `forecast`, what the balancer sees now in `signals`, and the cluster as a snapshot in `state`. The live controller, the simulator
-and the tests all run this same code, at every reconcile, so it stays cheap (no fitting, one binary search
-into the history, a few passes over the pods).
+peak in `forecast`, what the balancer sees now in `signals`, and the cluster as a snapshot in `state`. The
+live controller, the simulator and the tests all run this same code, at every reconcile, so it stays cheap
+(no fitting, one binary search into the history, a few passes over the pods).
 
 The forecast itself is computed by the caller (`controller.pipeline` fits and updates a `forecast` model
 through `controller.forecasting` and passes the peak quantile over the horizon as `forecast`), because fitting

@@ -2,8 +2,8 @@
 
 What runs: the real balancer (`forestall balancer`, a subprocess), emulated GPU inference servers as local
 processes (`emulation.local.LocalCluster` starts and stops them with emulated node, pod-start and model-load
-delays), the controller in local mode (this module: the same `forecasting` -> `decide()` -> `acting` path as
-the Kubernetes loop, with signals read from the balancer's real `/signals`), and a load generator replaying
+delays), the controller in local mode (`controller.pipeline`, the Kubernetes loop's reconcile, with the local
+seams of `emulation.demo_controller`: signals read from the balancer's real `/signals`), and a load generator replaying
 the bundled real trace as OpenAI-style streaming requests through the balancer. With `prometheus` on PATH it
 also starts Prometheus on a loopback port scraping the balancer, and at the end prints the current value of
 every dashboard query.
@@ -16,11 +16,17 @@ virtual (trace) seconds; each stream's tokens are relayed at the scaled speed, s
 History: the controller starts with the trace's demand before the demo window as its history (what
 Prometheus would hold), so the forecast has days to learn from; live samples extend it.
 
+The closing table puts the live row beside the same window simulated: the simulated policies start where the
+live run started (its replicas, its history) and replay the very streams the load generator sent, so the
+rows differ by the cluster model and the machine only (`bench/demo_gap.py` measures by how much, and why).
+This module runs the demo and generates the load; the controller's seams, the child processes and the view
+are `demo_controller`, `demo_processes` and `demo_view`.
+
 It stops by itself after `duration_s` wall seconds; Ctrl-C stops it early. Either way every process it
 started is terminated before it returns.
 
-What it does not do: talk to Kubernetes, or measure anything for BENCHMARKS.md (`forestall simulate` and
-`bench/` do that).
+What it does not do: talk to Kubernetes, or record anything in BENCHMARKS.md (`bench/demo_gap.py` does, from
+`run_measured`).
 """
 
 from __future__ import annotations

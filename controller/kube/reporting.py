@@ -9,7 +9,7 @@
   a steady drain does not flood the namespace.
 - `policy_informer` is the list+watch cache of ScalingPolicies (all namespaces or one).
 
-What this module does not do: decide what the status says (`controller.loop` builds it).
+What this module does not do: decide what the status says (`controller.status` builds it).
 """
 
 from __future__ import annotations
