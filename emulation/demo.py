@@ -49,7 +49,7 @@ from rich.table import Table
 from contract import clock as clock_mod
 from contract import signals as signals_mod
 from controller import acting, decide, forecasting, metrics, policy
-from emulation import local, simulate, traces
+from emulation import local, processes, simulate, traces
 
 HOST = "127.0.0.1"
 POLICY_LABELS = ("demo", "llm")
@@ -154,7 +154,7 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
         seconds_per_token=spt * opts.tokens_per_chunk / opts.time_scale,
     )
     cl = local.LocalCluster(spec, worker=worker, backends_file=backends_file, seed=opts.seed, log_dir=workdir)
-    listen, admin = local.free_port(HOST), local.free_port(HOST)
+    listen, admin = processes.free_port(HOST), processes.free_port(HOST)
     procs: list[subprocess.Popen[bytes]] = []
     stats = StreamStats()
     view = DemoState(vnow=v0)
@@ -168,11 +168,11 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
         procs.append(_start_balancer(listen, admin, backends_file, workdir))
         await _wait_port(admin)
         ctl_metrics = metrics.ControllerMetrics()
-        metrics_port = local.free_port(HOST)
+        metrics_port = processes.free_port(HOST)
         runner = await _serve_metrics(ctl_metrics, metrics_port)
         cleanups.append(runner.cleanup)
         if opts.prometheus or (opts.prometheus is None and shutil.which("prometheus")):
-            prom_port = local.free_port(HOST)
+            prom_port = processes.free_port(HOST)
             procs.append(_start_prometheus(prom_port, [admin, metrics_port], workdir))
             prom_url = f"http://{HOST}:{prom_port}"
         vc = VirtualClock(v0=v0, w0=clk.monotonic(), scale=opts.time_scale, wall=clk)
@@ -209,7 +209,7 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
                 await cleanup()
         cl.stop()
         for proc in procs:
-            local.stop_process(proc, grace_s=10.0)
+            processes.stop_process(proc, grace_s=10.0)
         shutil.rmtree(workdir, ignore_errors=True)
     return _results(stats, cl, trace, spec, scale=scale, start_s=v0, end_s=v_end, seed=opts.seed)
 
@@ -619,7 +619,7 @@ def _popen(argv: list[str], log: Any) -> subprocess.Popen[bytes]:
 
 async def _wait_port(port: int, *, attempts: int = 200) -> None:
     for _ in range(attempts):
-        if local.listening(HOST, port):
+        if processes.listening(HOST, port):
             return
         await asyncio.sleep(0.05)
     raise RuntimeError(f"nothing listens on {HOST}:{port}: the balancer did not start (see its log)")

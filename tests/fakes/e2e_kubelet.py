@@ -4,9 +4,9 @@
 Deployment's replicas real: every `poll_s` it
 
 1. lets the API server play the ReplicaSet (`FakeKubeApi.run_workloads`): pods are created up to
-   `spec.replicas`, and on a scale-down the pods with the lowest `controller.kubernetes.io/pod-deletion-cost`
-   are deleted first, as the ReplicaSet controller does; which pods went, with the annotations they carried
-   at that moment, is recorded in `removed`;
+   `spec.replicas`, and on a scale-down pods are deleted in the ReplicaSet controller's order (among Ready
+   pods, the lowest `controller.kubernetes.io/pod-deletion-cost` first); which pods went, with the annotations
+   they carried at that moment, is recorded in `removed`;
 2. walks each new pod through its life on the real clock, with the delays given: bound to the GPU node
    (`PodScheduled`), container started (an in-process emulated GPU server, `emulation.worker`, on
    its own loopback port; the endpoint appears, not ready), then Ready after the model-load delay (the

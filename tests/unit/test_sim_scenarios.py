@@ -11,6 +11,7 @@ import pytest
 
 from controller import policy
 from emulation import simulate, traces
+from tests.fakes import specs
 
 START = dt.datetime(2024, 5, 13, tzinfo=dt.UTC)
 TOKENS = 90
@@ -18,19 +19,13 @@ TOKENS = 90
 
 
 def spec() -> policy.ScalingPolicySpec:
-    return policy.ScalingPolicySpec.model_validate(
-        {
-            "scaleTargetRef": {"kind": "Deployment", "name": "llm"},
-            "demand": {"prometheus": {"query": "q"}},
-            "capacity": {
-                "streamsPerReplica": 4,
-                "gpusPerReplica": 1,
-                "gpusPerNode": 2,
-                "secondsPerToken": 0.03,
-            },
-            "replicas": {"min": 1, "max": 40},
-            "leadTime": {"nodeProvisioningSeconds": 360, "podStartSeconds": 60, "modelLoadSeconds": 120},
-        }
+    return specs.spec(
+        gpus_per_replica=1,
+        gpus_per_node=2,
+        seconds_per_token=0.03,
+        min_replicas=1,
+        max_replicas=40,
+        lead_s=(360, 60, 120),
     )
 
 
