@@ -49,7 +49,7 @@ from rich.table import Table
 from contract import clock as clock_mod
 from contract import signals as signals_mod
 from controller import acting, decide, forecasting, metrics, policy
-from emulation import local, processes, simulate, traces
+from emulation import loadgen, local, processes, simulate, traces
 
 HOST = "127.0.0.1"
 POLICY_LABELS = ("demo", "llm")
@@ -96,16 +96,12 @@ class DemoOptions:
 
 
 @dataclass
-class StreamStats:
-    """What the load generator saw, stream by stream (virtual seconds)."""
+class StreamStats(loadgen.Tally):
+    """What the load generator saw: each stream's outcome, and the wait of each one that started (virtual s)."""
 
-    arrived: int = 0
-    completed: int = 0
-    rejected: int = 0
-    cut: int = 0
-    failed: int = 0
     waits_s: list[float] = field(default_factory=list)
     running: int = 0
+    """Streams still open when the run ended."""
 
 
 @dataclass
@@ -193,7 +189,7 @@ async def run(opts: DemoOptions, *, console: Console) -> simulate.SimResult:
                     hist=(history_t, history_v),
                     ctl_metrics=ctl_metrics,
                 ),
-                _load(arrivals, http, stats, vc=vc, end_s=v_end, listen=listen, opts=opts, spt=spt),
+                _load(arrivals, stats, vc=vc, end_s=v_end, listen=listen, opts=opts, spt=spt),
                 _ticker(cl, vc=vc, end_s=v_end),
             ]
             if opts.live_view:
@@ -295,7 +291,6 @@ async def _ticker(cl: local.LocalCluster, *, vc: VirtualClock, end_s: float) -> 
 
 async def _load(
     arrivals: traces.Arrivals,
-    http: aiohttp.ClientSession,
     stats: StreamStats,
     *,
     vc: VirtualClock,
@@ -305,7 +300,6 @@ async def _load(
     spt: float,
 ) -> None:
     """Send each arriving stream through the balancer at its (scaled) arrival time."""
-    url = f"http://{HOST}:{listen}/v1/chat/completions"
     running: set[asyncio.Task[None]] = set()
     try:
         while (now := vc.now()) < end_s:
@@ -313,7 +307,9 @@ async def _load(
             for t, d in zip(times, durations, strict=True):
                 await vc.sleep_until(float(t))
                 chunks = max(1, math.ceil(d / spt / opts.tokens_per_chunk))
-                task = asyncio.create_task(_one_stream(http, url, chunks, stats, vc=vc, arrived=float(t)))
+                task = asyncio.create_task(
+                    _one_stream((HOST, listen), chunks, stats, vc=vc, arrived=float(t))
+                )
                 running.add(task)
                 task.add_done_callback(running.discard)
             if not times.size:
@@ -326,48 +322,15 @@ async def _load(
 
 
 async def _one_stream(
-    http: aiohttp.ClientSession,
-    url: str,
-    chunks: int,
-    stats: StreamStats,
-    *,
-    vc: VirtualClock,
-    arrived: float,
+    target: tuple[str, int], chunks: int, stats: StreamStats, *, vc: VirtualClock, arrived: float
 ) -> None:
-    stats.arrived += 1
-    body = {
-        "model": "demo",
-        "stream": True,
-        "max_tokens": chunks,
-        "messages": [{"role": "user", "content": "hi"}],
-    }
-    first = False
-    try:
-        async with http.post(url, json=body) as resp:
-            if resp.status in (429, 503):
-                stats.rejected += 1
-                return
-            if resp.status != 200:
-                stats.failed += 1
-                return
-            done = False
-            async for line in resp.content:
-                if not first:
-                    first = True
-                    stats.waits_s.append(max(0.0, vc.now() - arrived))
-                if line.startswith(b"data: [DONE]"):
-                    done = True
-                elif line.startswith(b'data: {"error"') or b'"error":' in line[:40]:
-                    break
-            if done:
-                stats.completed += 1
-            else:
-                stats.cut += 1
-    except (aiohttp.ClientError, TimeoutError):
-        if first:
-            stats.cut += 1
-        else:
-            stats.failed += 1
+    """One stream of `chunks` events through the balancer, its wait stamped at its first event."""
+    stats.started += 1
+
+    def first_event() -> None:
+        stats.waits_s.append(max(0.0, vc.now() - arrived))
+
+    stats.add(await loadgen.stream(target, max_tokens=chunks, model="demo", on_first_event=first_event))
 
 
 # -- the view ---------------------------------------------------------------------------------------------
@@ -410,9 +373,9 @@ def _render(
         f"queue {view.admission_queue}",
     )
     head.add_row(
-        f"streams: {stats.arrived} arrived",
-        f"{stats.completed} done",
-        f"{stats.rejected} rejected / {stats.cut} cut / {stats.failed} failed",
+        f"streams: {stats.started} arrived",
+        f"{stats.ok} done",
+        f"{stats.rejected} rejected / {stats.cut} cut / {stats.error} failed",
         f"wait p99 {np.percentile(stats.waits_s, 99):.1f}s" if stats.waits_s else "wait -",
         f"GPU-h {cl.gpu_seconds / 3600:.2f}",
         "",
@@ -454,10 +417,10 @@ def _results(
     slo = spec.slo.time_to_first_token_s
     live = simulate.PolicyResult(
         name="forestall (live)",
-        arrived=stats.arrived,
+        arrived=stats.started,
         started=len(stats.waits_s),
-        completed=stats.completed,
-        rejected=stats.rejected + stats.failed,
+        completed=stats.ok,
+        rejected=stats.rejected + stats.error,
         cut=stats.cut,
         running=stats.running,
         queued=0,

@@ -111,9 +111,9 @@ def test_the_drop_drains_then_removes_only_idle_pods_without_cutting_a_stream(sy
     assert run.drains_total >= len(run.removed)
     out = run.outcomes
     assert out.started > 100, out
-    assert (out.cut, out.failed, out.rejected) == (0, 0, 0), out.errors[:5]
+    assert (out.cut, out.error, out.rejected) == (0, 0, 0), out.errors[:5]
     assert out.abandoned == 1
-    assert out.completed == out.started - out.abandoned
+    assert out.ok == out.started - out.abandoned
     assert set(run.balancer_failures) <= CLIENT_GONE_REASONS, run.balancer_failures
     assert sum(run.balancer_failures.values()) == out.abandoned
 
