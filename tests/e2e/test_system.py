@@ -5,9 +5,9 @@ in `tests.fakes.e2e_system`) and one test per claim:
 
 - the in-test Kubernetes API server (`tests.fakes.kube_api`) holds the worker Deployment, its pods and
   EndpointSlices, the balancer Service's EndpointSlice and the ScalingPolicy; `tests.fakes.e2e_kubelet`
-  plays the ReplicaSet (lowest pod-deletion-cost removed first), the kubelet (each pod's container is an
-  in-process emulated GPU server on its own loopback port, started and stopped with the pod) and the
-  EndpointSlice controller;
+  plays the ReplicaSet (its removal order: among Ready pods, the lowest pod-deletion-cost first), the
+  kubelet (each pod's container is an in-process emulated GPU server on its own loopback port, started and
+  stopped with the pod) and the EndpointSlice controller;
 - the balancer (`balancer.app`, in process) discovers the workers through those EndpointSlices and their
   pods' drain annotations (the Kubernetes watch, not a static file) and serves `/signals` and `/metrics`;
 - the controller (`controller.loop.Controller` with `KubeCluster`) reads demand from a real Prometheus
