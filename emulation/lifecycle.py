@@ -34,7 +34,11 @@ older (log2 buckets and UID again). Pod names stand in for UIDs here (random in 
 is as faithful).
 
 What it does not do: carry streams (`emulation.streams`), start processes (`emulation.local`), model
-preemption, zones, image caches or several scale targets.
+preemption, zones, image caches or several scale targets, or consolidate partly used nodes by evicting their
+pods (cluster-autoscaler's utilization threshold, Karpenter's `WhenEmptyOrUnderutilized`): only empty nodes are
+released. So a policy that scales down without choosing its pods (HPA through the ReplicaSet, which takes pods
+from the fullest nodes first, rule 5) keeps partly used nodes billed here, where a real cluster would either
+bill them too (consolidation off or blocked) or evict and restart their pods (streams cut, a model load each).
 """
 
 from __future__ import annotations
