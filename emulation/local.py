@@ -6,7 +6,9 @@ jitter, whole-node billing, measured lead times, the ReplicaSet's removal order)
 Each pod whose container starts gets an emulated GPU inference server (`python -m emulation.worker`) on a
 loopback port; the pod turns Ready at its planned time or, if later, once that port answers; a pod the
 ReplicaSet deletes has its process terminated, and any stream still on it is cut (the load generator sees
-it). Nodes left without pods are released after `NODE_IDLE_S`, as Karpenter's consolidation would.
+it). Nodes left without pods are released after `NODE_IDLE_S`, as Karpenter's consolidation would. The
+measured lead times are the model's drawn delays; a worker slower to answer than its model load (a Python
+start takes about a second of wall time, `time_scale` virtual seconds) turns Ready later than measured.
 
 All times here are the caller's: the demo runs the cluster on a virtual clock that goes `time_scale` times
 faster than the wall clock (so a six-minute node arrives in 45 wall seconds at 8x) and passes that time to
