@@ -248,6 +248,10 @@ class Lifecycle:
             k: deque(maxlen=MEASURED_SAMPLES) for k in ("node", "pod", "load")
         }
         self._median: dict[str, float | None] = {"node": None, "pod": None, "load": None}
+        self._node_gpus = 0
+        """GPUs on all nodes, kept as nodes come and go (read every tick)."""
+        self._unbound = 0
+        """Pods not bound to a node, kept as pods come, bind and go (most ticks have none)."""
         self._node_version = 0
         self._nodes_cache: tuple[tuple[int, int], tuple[cluster.NodeState, ...]] | None = None
 
@@ -351,9 +355,9 @@ class Lifecycle:
     def advance(self, now: float) -> None:
         """Move time to `now`: nodes come up and take pending pods, unneeded nodes go, billing accrues."""
         self._bill(now)
-        for node in sorted(self.nodes.values(), key=lambda n: n.ready_s):
-            if self.now_s < node.ready_s <= now:
-                self._schedule(node.ready_s)
+        came = [n for n in self.nodes.values() if self.now_s < n.ready_s <= now]
+        for node in sorted(came, key=lambda n: n.ready_s):
+            self._schedule(node.ready_s)
         self.now_s = now
         self._schedule(now)
         self._request_nodes()
@@ -382,7 +386,7 @@ class Lifecycle:
 
     def node_gpus(self) -> int:
         """GPUs on nodes requested and not released (what is being billed now)."""
-        return sum(n.gpus for n in self.nodes.values())
+        return self._node_gpus
 
     def pod_named(self, name: str) -> Pod | None:
         """The pod called `name`, or None when there is none (removed, or never existed)."""
@@ -400,6 +404,7 @@ class Lifecycle:
         self.next_pod_id += 1
         pod = Pod(id=pid, name=f"worker-{pid}", created_s=created_s)
         self.pods[pid] = pod
+        self._unbound += 1
         return pod
 
     def _delay(self, mean_s: float) -> float:
@@ -412,7 +417,9 @@ class Lifecycle:
 
     def _delete(self, pod: Pod) -> None:
         del self.pods[pod.id]
-        if pod.node is not None and pod.node in self.nodes:
+        if pod.node is None:
+            self._unbound -= 1
+        elif pod.node in self.nodes:
             self.nodes[pod.node].used_gpus -= self.gpus_per_replica
         self.removed.append((pod.id, self.now_s))
 
@@ -425,6 +432,7 @@ class Lifecycle:
             self._observe("node", delay)
         node = Node(name=name, gpus=self.gpus_per_node, created_s=now, ready_s=ready_s)
         self.nodes[name] = node
+        self._node_gpus += node.gpus
         self._node_version += 1
         return node
 
@@ -449,6 +457,7 @@ class Lifecycle:
         return best
 
     def _bind(self, pod: Pod, node: Node, at_s: float) -> None:
+        self._unbound -= 1
         pod.node = node.name
         pod.scheduled_s = at_s
         start = self._delay(self.spec.lead_time.pod_start_s)
@@ -462,6 +471,8 @@ class Lifecycle:
         self._observe("load", load)
 
     def _schedule(self, at_s: float) -> None:
+        if not self._unbound:
+            return
         pending = [p for p in self.pods.values() if p.node is None]
         for pod in sorted(pending, key=lambda p: p.id):
             node = self._fit(at_s)
@@ -473,7 +484,7 @@ class Lifecycle:
         """Request nodes so that Ready plus coming nodes hold every pod and the provisioned buffer."""
         needed = len(self.pods) * self.gpus_per_replica + self.provisioned_gpus
         have = self.node_gpus()
-        pending_pods = sum(1 for p in self.pods.values() if p.node is None)
+        pending_pods = self._unbound
         if have >= needed and (
             pending_pods == 0 or self._room_coming() >= pending_pods * self.gpus_per_replica
         ):
@@ -500,6 +511,7 @@ class Lifecycle:
             spare -= node.gpus
             if now - node.unneeded_since_s >= self.node_release_after_s:
                 del self.nodes[node.name]
+                self._node_gpus -= node.gpus
                 self._node_version += 1
 
     def _observe(self, kind: str, value: float) -> None:
