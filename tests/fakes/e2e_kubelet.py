@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from contract import clock as clock_mod
+from controller import cluster
 from emulation import worker as backend_emulator
 from tests.fakes import kube_api
 from tests.fakes.balancer_env import start_app
@@ -45,7 +46,7 @@ from tests.fakes.balancer_env import start_app
 Obj = dict[str, Any]
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+DELETION_COST = cluster.DELETION_COST_ANNOTATION
 MAX_POLLS = 100_000
 """Polls one kubelet makes at most (about 80 minutes at 50 ms): bounds a test that forgets to stop it."""
 
