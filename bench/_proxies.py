@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from emulation import processes
+
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = (
     str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
@@ -50,12 +52,6 @@ def ensure_debian_package(binary: str, package: str) -> str:
     if not found:
         raise RuntimeError(f"apt-get installed {package} but {binary} is not on PATH")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_listening(port: int, proc: subprocess.Popen[Any], what: str) -> None:
@@ -235,7 +231,7 @@ class Nginx(Proxy):
 
     def start(self) -> Proxy:
         binary = ensure_debian_package("nginx", "nginx-light")
-        self.port = free_port()
+        self.port = processes.free_port()
         servers = "\n".join(
             f"    server {b.address} weight={max(1, round(b.spec.weight))} max_fails=0;"
             for b in self.backends
@@ -289,7 +285,7 @@ class Haproxy(Proxy):
 
     def start(self) -> Proxy:
         binary = ensure_debian_package("haproxy", "haproxy")
-        self.port = free_port()
+        self.port = processes.free_port()
         servers = "\n".join(
             f"  server b{i} {b.address} weight {max(1, min(256, round(b.spec.weight)))}"
             + (f" maxconn {b.spec.slots}" if self.server_maxconn else "")
@@ -331,8 +327,8 @@ class Forestall(Proxy):
         self.admin_port = 0
 
     def start(self) -> Proxy:
-        self.port = free_port()
-        self.admin_port = free_port()
+        self.port = processes.free_port()
+        self.admin_port = processes.free_port()
         backends: list[dict[str, Any]] = [
             {"address": b.address, "weight": b.spec.weight} for b in self.backends
         ]
@@ -366,7 +362,7 @@ class ReferenceRelay(Proxy):
         self.label = "bare aiohttp relay (reference)" if aiohttp else "python protocol relay (reference)"
 
     def start(self) -> Proxy:
-        self.port = free_port()
+        self.port = processes.free_port()
         mode = ["--aiohttp"] if self.aiohttp else []
         addresses = [b.address for b in self.backends]
         self._launch([PYTHON, "-m", "bench._reference_relay", *mode, str(self.port), *addresses])

@@ -31,6 +31,7 @@ import urllib.request
 from typing import Any
 
 from bench import _proxies, _record
+from emulation import processes
 
 PROXIES = ("nginx least_conn", "haproxy leastconn", "forestall")
 MCP_PROTOCOL_VERSION = "2025-06-18"
@@ -55,7 +56,7 @@ def serve_mcp(port: int) -> None:
 
 
 def start_mcp_backend() -> tuple[subprocess.Popen[bytes], int]:
-    port = _proxies.free_port()
+    port = processes.free_port()
     proc = subprocess.Popen(
         [_proxies.PYTHON, "-m", "bench.balancer_memory", "--serve-mcp", str(port)], cwd=_proxies.ROOT
     )

@@ -25,7 +25,9 @@ DRAIN_ANNOTATION = pod_annotations.DRAIN
 """Set on a pod the controller wants to remove (the value is the drain's start time); see `contract.pod_annotations`."""
 
 DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
-"""The ReplicaSet removes pods with the lowest cost first on scale-down (Kubernetes >= 1.22)."""
+"""On scale-down the ReplicaSet removes the pod with the lowest cost first among pods alike in being scheduled,
+phase and readiness: unscheduled, pending and not-Ready pods still go before it (Kubernetes >= 1.22;
+`emulation.lifecycle` has the whole order)."""
 
 DO_NOT_DISRUPT_ANNOTATION = "karpenter.sh/do-not-disrupt"
 """Karpenter does not consolidate or drift a node while a pod on it carries this set to "true"."""

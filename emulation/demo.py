@@ -49,7 +49,17 @@ from rich.console import Console
 
 from contract import clock as clock_mod
 from controller import metrics, pipeline, policy
-from emulation import demo_controller, demo_processes, demo_view, local, results, simulate, traces
+from emulation import (
+    demo_controller,
+    demo_processes,
+    demo_view,
+    loadgen,
+    local,
+    processes,
+    results,
+    simulate,
+    traces,
+)
 
 HOST = "127.0.0.1"
 
@@ -81,14 +91,10 @@ class DemoOptions:
 
 
 @dataclass
-class StreamStats:
-    """What the load generator saw, stream by stream (virtual seconds)."""
+class StreamStats(loadgen.Tally):
+    """What the load generator saw: each stream's outcome (`loadgen.Tally`), and the wait of each one that
+    started (virtual seconds)."""
 
-    arrived: int = 0
-    completed: int = 0
-    rejected: int = 0
-    cut: int = 0
-    failed: int = 0
     waits_s: list[float] = field(default_factory=list)
     sent: list[tuple[float, int]] = field(default_factory=list)
     """(arrival, output tokens) of every stream sent, tokens rounded up to whole chunks as relayed: the
@@ -99,6 +105,7 @@ class StreamStats:
     arrivals_s: list[float] = field(default_factory=list)
     """Arrival time of each stream in `waits_s` (same order), to tell when the waits happened."""
     running: int = 0
+    """Streams still open when the run ended."""
 
 
 def demo_spec(opts: DemoOptions) -> policy.ScalingPolicySpec:
@@ -151,7 +158,7 @@ async def run_measured(opts: DemoOptions, *, console: Console) -> DemoRun:
         seconds_per_token=spt * opts.tokens_per_chunk / opts.time_scale,
     )
     cl = local.LocalCluster(spec, worker=worker, backends_file=backends_file, seed=opts.seed, log_dir=workdir)
-    listen, admin = local.free_port(HOST), local.free_port(HOST)
+    listen, admin = processes.free_port(HOST), processes.free_port(HOST)
     procs: list[subprocess.Popen[bytes]] = []
     stats = StreamStats()
     view = demo_controller.DemoState(vnow=v0)
@@ -168,11 +175,11 @@ async def run_measured(opts: DemoOptions, *, console: Console) -> DemoRun:
         )
         await demo_processes.wait_port(admin)
         ctl_metrics = metrics.ControllerMetrics()
-        metrics_port = local.free_port(HOST)
+        metrics_port = processes.free_port(HOST)
         runner = await demo_processes.serve_metrics(ctl_metrics, metrics_port)
         cleanups.append(runner.cleanup)
         if opts.prometheus or (opts.prometheus is None and shutil.which("prometheus")):
-            prom_port = local.free_port(HOST)
+            prom_port = processes.free_port(HOST)
             procs.append(demo_processes.start_prometheus(prom_port, [admin, metrics_port], workdir))
             prom_url = f"http://{HOST}:{prom_port}"
         vc = demo_controller.VirtualClock(v0=v0, w0=clk.monotonic(), scale=opts.time_scale, wall=clk)
@@ -197,7 +204,7 @@ async def run_measured(opts: DemoOptions, *, console: Console) -> DemoRun:
             )
             tasks = [
                 demo_controller.run(pipe, reporter, vc=vc, end_s=v_end),
-                _load(arrivals, http, stats, vc=vc, end_s=v_end, listen=listen, opts=opts, spt=spt),
+                _load(arrivals, stats, vc=vc, end_s=v_end, listen=listen, opts=opts, spt=spt),
                 demo_controller.tick(cl, vc=vc, end_s=v_end),
             ]
             if opts.sample_s is not None:
@@ -219,7 +226,7 @@ async def run_measured(opts: DemoOptions, *, console: Console) -> DemoRun:
                 await cleanup()
         cl.stop()
         for proc in procs:
-            local.stop_process(proc, grace_s=10.0)
+            processes.stop_process(proc, grace_s=10.0)
         shutil.rmtree(workdir, ignore_errors=True)
     result = _results(
         stats,
@@ -248,7 +255,6 @@ def initial_replicas(history_v: np.ndarray[Any, Any], spec: policy.ScalingPolicy
 
 async def _load(
     arrivals: traces.Arrivals,
-    http: aiohttp.ClientSession,
     stats: StreamStats,
     *,
     vc: demo_controller.VirtualClock,
@@ -258,7 +264,6 @@ async def _load(
     spt: float,
 ) -> None:
     """Send each arriving stream through the balancer at its (scaled) arrival time."""
-    url = f"http://{HOST}:{listen}/v1/chat/completions"
     running: set[asyncio.Task[None]] = set()
     try:
         while (now := vc.now()) < end_s:
@@ -268,7 +273,7 @@ async def _load(
                 chunks = max(1, math.ceil(d / spt / opts.tokens_per_chunk))
                 stats.sent.append((float(t), chunks * opts.tokens_per_chunk))
                 task = asyncio.create_task(
-                    _one_stream(http, url, chunks, stats, vc=vc, arrived=float(t), length_s=float(d))
+                    _one_stream((HOST, listen), chunks, stats, vc=vc, arrived=float(t), length_s=float(d))
                 )
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -282,8 +287,7 @@ async def _load(
 
 
 async def _one_stream(
-    http: aiohttp.ClientSession,
-    url: str,
+    target: tuple[str, int],
     chunks: int,
     stats: StreamStats,
     *,
@@ -291,44 +295,21 @@ async def _one_stream(
     arrived: float,
     length_s: float,
 ) -> None:
-    stats.arrived += 1
+    """One stream of `chunks` events through the balancer (`loadgen.stream`), its wait stamped at its first
+    event and, once complete, how long it held its slot against the trace's length."""
+    stats.started += 1
     first_at = arrived
-    body = {
-        "model": "demo",
-        "stream": True,
-        "max_tokens": chunks,
-        "messages": [{"role": "user", "content": "hi"}],
-    }
-    first = False
-    try:
-        async with http.post(url, json=body) as resp:
-            if resp.status in (429, 503):
-                stats.rejected += 1
-                return
-            if resp.status != 200:
-                stats.failed += 1
-                return
-            done = False
-            async for line in resp.content:
-                if not first:
-                    first = True
-                    first_at = vc.now()
-                    stats.waits_s.append(max(0.0, first_at - arrived))
-                    stats.arrivals_s.append(arrived)
-                if line.startswith(b"data: [DONE]"):
-                    done = True
-                elif line.startswith(b'data: {"error"') or b'"error":' in line[:40]:
-                    break
-            if done:
-                stats.completed += 1
-                stats.stretch.append((vc.now() - first_at) / max(length_s, 1e-9))
-            else:
-                stats.cut += 1
-    except (aiohttp.ClientError, TimeoutError):
-        if first:
-            stats.cut += 1
-        else:
-            stats.failed += 1
+
+    def first_event() -> None:
+        nonlocal first_at
+        first_at = vc.now()
+        stats.waits_s.append(max(0.0, first_at - arrived))
+        stats.arrivals_s.append(arrived)
+
+    outcome = await loadgen.stream(target, max_tokens=chunks, model="demo", on_first_event=first_event)
+    stats.add(outcome)
+    if outcome.kind is loadgen.StreamOutcome.OK:
+        stats.stretch.append((vc.now() - first_at) / max(length_s, 1e-9))
 
 
 # -- results ----------------------------------------------------------------------------------------------
@@ -355,10 +336,10 @@ def _results(
     slo = spec.slo.time_to_first_token_s
     live = results.PolicyResult(
         name="forestall (live)",
-        arrived=stats.arrived,
+        arrived=stats.started,
         started=len(stats.waits_s),
-        completed=stats.completed,
-        rejected=stats.rejected + stats.failed,
+        completed=stats.ok,
+        rejected=stats.rejected + stats.error,
         cut=stats.cut,
         running=stats.running,
         queued=0,

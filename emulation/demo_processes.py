@@ -1,7 +1,7 @@
 """The processes `forestall demo` starts beside its workers: the balancer, Prometheus, the controller's /metrics.
 
 Every child runs in its own session (Ctrl-C reaches it only through the demo, which stops it with
-`emulation.local.stop_process`) and logs into the demo's work directory.
+`emulation.processes.stop_process`) and logs into the demo's work directory.
 
 What this module does not do: start the workers (`emulation.local.LocalCluster`) or decide anything.
 """
@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from controller import metrics
-from emulation import local
+from emulation import processes
 
 HOST = "127.0.0.1"
 
@@ -128,7 +128,7 @@ def _popen(argv: list[str], log: Any) -> subprocess.Popen[bytes]:
 
 async def wait_port(port: int, *, attempts: int = 200) -> None:
     for _ in range(attempts):
-        if local.listening(HOST, port):
+        if processes.listening(HOST, port):
             return
         await asyncio.sleep(0.05)
     raise RuntimeError(f"nothing listens on {HOST}:{port}: the balancer did not start (see its log)")

@@ -21,11 +21,11 @@ from emulation import demo_controller, local
 class StreamCounts(Protocol):
     """What the load generator counted so far (virtual seconds)."""
 
-    arrived: int
-    completed: int
+    started: int
+    ok: int
     rejected: int
     cut: int
-    failed: int
+    error: int
     waits_s: list[float]
 
 
@@ -69,9 +69,9 @@ def _render(
         f"queue {view.admission_queue}",
     )
     head.add_row(
-        f"streams: {stats.arrived} arrived",
-        f"{stats.completed} done",
-        f"{stats.rejected} rejected / {stats.cut} cut / {stats.failed} failed",
+        f"streams: {stats.started} arrived",
+        f"{stats.ok} done",
+        f"{stats.rejected} rejected / {stats.cut} cut / {stats.error} failed",
         f"wait p99 {np.percentile(stats.waits_s, 99):.1f}s" if stats.waits_s else "wait -",
         f"GPU-h {cl.gpu_seconds / 3600:.2f}",
         "",

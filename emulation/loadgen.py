@@ -1,11 +1,24 @@
-"""The benchmarks' load generator: SSE streaming clients cheap enough not to be what is measured.
+"""The load generator, the one streaming client the demo, the end-to-end tests and the benchmarks use.
 
-It runs in its own process (`python -m emulation.loadgen SPEC_JSON`), on uvloop when installed, with raw asyncio
-protocols: a read counts `data: ` events with one `bytes.count` and looks at the last bytes for the end of the
-chunked body; nothing is parsed per token. The benchmark scripts drive it through stdout lines of JSON, so they
-can read the proxies' CPU counters exactly when the measurement window opens and closes.
+Every stream ends in exactly one `StreamOutcome`, classified in one place (`classify`):
 
-Three modes (the `mode` key of the spec):
+- `ok`: a 200 response that reached `data: [DONE]` and carried no SSE error event;
+- `error`: no 200 response at all: the connection failed, the status was not 200 (other than 429/503), or the
+  stream timed out before its headers;
+- `cut`: a 200 response that did not reach `[DONE]`: an SSE error event (`event: error`, or a `data:` object
+  whose first key is "error", as the balancer, vLLM and OpenAI end a failed stream), a reset, a premature end of
+  the body, or a timeout mid-stream;
+- `rejected`: 429 or 503, admission said no;
+- `abandoned`: the client itself walked away after the first event, on purpose.
+
+The client is raw asyncio protocols (on uvloop when the process runs one), cheap enough not to be what a
+benchmark measures: a read counts `data: ` events with one `bytes.count` and looks at the last bytes for
+`[DONE]`, an error event and the end of the chunked body; nothing is parsed per token. `stream()` runs one
+stream in the caller's event loop (the demo and `tests.fakes.e2e_load`); the benchmark scripts run this module
+in its own process (`python -m emulation.loadgen SPEC_JSON`) and read stdout lines of JSON, so they can read
+the proxies' CPU counters exactly when the measurement window opens and closes.
+
+Three process modes (the `mode` key of the spec):
 
 - `closed`: `concurrency` workers, each on its own keep-alive connection, run streams back to back (each of
   `max_tokens` tokens, or drawn uniformly from `max_tokens_range`, so that workers do not stay in step) for
@@ -13,37 +26,94 @@ Three modes (the `mode` key of the spec):
   (SSE `data:` lines) received in the window, streams started in the window with their time to first event.
   For `direct`, workers spread over all targets round robin.
 - `replay`: opens one stream per arrival `[offset_s, max_tokens]` at its time on a fresh connection and reports
-  each stream's time to first token, its serving backend (the emulator's model name) and whether it finished.
+  each stream's time to first token, its serving backend (the emulator's model name), whether it finished and
+  its outcome.
 - `idle`: opens `count` streams that stay open after their first event (the backend is told to be slow), prints
   `{"event": "open", ...}`, holds them until a line arrives on stdin, then closes them.
 
-A stream counts as failed if the status is not 200, the connection breaks before `data: [DONE]`, or it does not
-end within `stream_timeout_s`. Everything runs on 127.0.0.1 and every loop is bounded in count and time.
+A stream not done within its timeout (`STREAM_TIMEOUT_S` by default) ends as `error` or `cut`. Everything runs
+on loopback and every loop is bounded in count and time.
+
+What it does not do: TLS, HTTP/2, retries, or parse the events' JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import random
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
 STREAM_TIMEOUT_S = 300.0
-"""A stream not done by then counts as failed (a stuck proxy must not hang the benchmark)."""
+"""A stream not done by then fails (a stuck proxy must not hang the benchmark)."""
 
 END_OF_CHUNKED = b"\r\n0\r\n\r\n"
 """The last-chunk marker of a chunked body: SSE responses from the emulator and every proxy end with it."""
 
+DONE = b"data: [DONE]"
 
-def request_bytes(*, max_tokens: int, keep_alive: bool, path: str = "/v1/chat/completions") -> bytes:
+SSE_ERROR_MARKERS = (b"event: error", b'data: {"error"', b'data:{"error"')
+"""How an SSE stream says it failed: an `error` event, or a data object whose first key is "error"."""
+
+TAIL_BYTES = 32
+"""Bytes kept from the previous read, so a marker split across two reads is still found (longer than any)."""
+
+REJECTED_STATUSES = (429, 503)
+
+ERROR_TEXT_BYTES = 200
+"""How much of an error event or status line an outcome keeps, for the report."""
+
+
+class StreamOutcome(enum.StrEnum):
+    """How one stream ended; see the module docstring."""
+
+    OK = "ok"
+    ERROR = "error"
+    CUT = "cut"
+    REJECTED = "rejected"
+    ABANDONED = "abandoned"
+
+
+def classify(*, status: int | None, done: bool, sse_error: bool, abandoned: bool = False) -> StreamOutcome:
+    """The one classification of a stream's end.
+
+    Args:
+        status: the response's HTTP status, None when no response head arrived.
+        done: `data: [DONE]` arrived.
+        sse_error: an SSE error event arrived (`is_sse_error`).
+        abandoned: the client closed the stream itself after its first event.
+    """
+    if status is None:
+        return StreamOutcome.ERROR
+    if status in REJECTED_STATUSES:
+        return StreamOutcome.REJECTED
+    if status != 200:
+        return StreamOutcome.ERROR
+    if abandoned:
+        return StreamOutcome.ABANDONED
+    if done and not sse_error:
+        return StreamOutcome.OK
+    return StreamOutcome.CUT
+
+
+def is_sse_error(data: bytes) -> bool:
+    """Whether `data` (one or more SSE lines) holds an error event."""
+    return any(marker in data for marker in SSE_ERROR_MARKERS)
+
+
+def request_bytes(
+    *, max_tokens: int, keep_alive: bool, path: str = "/v1/chat/completions", model: str = "m"
+) -> bytes:
     body = json.dumps(
         {
-            "model": "m",
+            "model": model,
             "messages": [{"role": "user", "content": "hi"}],
             "stream": True,
             "max_tokens": max_tokens,
@@ -64,11 +134,46 @@ class Totals:
 
 @dataclass
 class Outcome:
-    ok: bool
+    """One stream's end: its outcome, time to first event (NaN without one), events, backend, error text."""
+
+    kind: StreamOutcome
     ttfb_s: float
     events: int
     backend: str = ""
     error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is StreamOutcome.OK
+
+
+@dataclass
+class Tally:
+    """Streams started and how each ended, with the error text of those that did not end `ok`."""
+
+    started: int = 0
+    ok: int = 0
+    error: int = 0
+    cut: int = 0
+    rejected: int = 0
+    abandoned: int = 0
+    errors: list[str] = field(default_factory=list)
+    max_errors: int = 1000
+    """Error texts kept at most (a broken run must not fill memory with the same message)."""
+
+    def add(self, outcome: Outcome) -> None:
+        """Count one ended stream."""
+        setattr(self, outcome.kind.value, getattr(self, outcome.kind.value) + 1)
+        if outcome.kind is not StreamOutcome.OK and outcome.error and len(self.errors) < self.max_errors:
+            self.errors.append(outcome.error)
+
+    @property
+    def ended(self) -> int:
+        return self.ok + self.error + self.cut + self.rejected + self.abandoned
+
+    @property
+    def open(self) -> int:
+        return self.started - self.ended
 
 
 class _Conn(asyncio.Protocol):
@@ -83,29 +188,48 @@ class _Conn(asyncio.Protocol):
         self._t0 = 0.0
         self._first = 0.0
         self._events = 0
-        self._tail5 = b""
-        self._tail16 = b""
+        self._tail = b""
         self._fresh = True
         self._head = b""
         self._backend = ""
         self._want_backend = False
+        self._status: int | None = None
+        self._error = b""
+        self._on_first: Callable[[], None] | None = None
+        self._abandon = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
 
-    def start(self, request: bytes, *, want_backend: bool = False) -> asyncio.Future[Outcome]:
+    def start(
+        self,
+        request: bytes,
+        *,
+        want_backend: bool = False,
+        on_first_event: Callable[[], None] | None = None,
+        abandon: bool = False,
+    ) -> asyncio.Future[Outcome]:
         assert self.transport is not None
         self._waiter = self.loop.create_future()
         self._t0 = perf_counter()
         self._first = 0.0
         self._events = 0
-        self._tail5 = self._tail16 = b""
+        self._tail = b""
         self._fresh = True
         self._head = b""
         self._backend = ""
         self._want_backend = want_backend
+        self._status = None
+        self._error = b""
+        self._on_first = on_first_event
+        self._abandon = abandon
         self.transport.write(request)
         return self._waiter
+
+    @property
+    def status(self) -> int | None:
+        """The current stream's HTTP status, None before its status line arrived."""
+        return self._status
 
     def data_received(self, data: bytes) -> None:
         if self._fresh:  # the status line: wait until its first 12 bytes are in, however reads split it
@@ -114,13 +238,24 @@ class _Conn(asyncio.Protocol):
                 return
             data, self._head = self._head, b""
             self._fresh = False
-            if not (data.startswith(b"HTTP/1.1 200") or data.startswith(b"HTTP/1.0 200")):
-                self._finish(False, "status " + data[:12].decode(errors="replace"))
+            try:
+                self._status = int(data[9:12])
+            except ValueError:
+                self._status = 0
+            if self._status != 200:
+                line = data[: data.find(b"\r\n")] if b"\r\n" in data else data[:64]
+                self._finish(line.decode(errors="replace")[:ERROR_TEXT_BYTES])
                 assert self.transport is not None
                 self.transport.close()
                 return
-        scan = self._tail5 + data
-        n = scan.count(b"data: ")
+        scan = self._tail + data
+        n = scan.count(b"data: ") - self._tail.count(b"data: ")
+        if self._error:  # keep the error event's text, however the reads split it
+            if len(self._error) < ERROR_TEXT_BYTES:
+                self._error = (self._error + data)[:ERROR_TEXT_BYTES]
+        elif b"error" in scan and is_sse_error(scan):
+            at = min(scan.find(m) for m in SSE_ERROR_MARKERS if m in scan)
+            self._error = scan[at : at + ERROR_TEXT_BYTES]
         if n:
             if not self._first:
                 self._first = perf_counter()
@@ -128,23 +263,36 @@ class _Conn(asyncio.Protocol):
                     at = data.find(b'"model":"')
                     if at >= 0:
                         self._backend = data[at + 9 : data.find(b'"', at + 9)].decode()
+                if self._on_first is not None:
+                    self._on_first()
+                if self._abandon:
+                    self._finish("abandoned by the client", abandoned=True)
+                    assert self.transport is not None
+                    self.transport.close()
+                    return
             self._events += n
             self.totals.events += n
-        self._tail5 = scan[-5:]
-        self._tail16 = (self._tail16 + data)[-16:]
-        if self._tail16.endswith(END_OF_CHUNKED):
-            self._finish(self._events > 0, "")
+        self._tail = scan[-TAIL_BYTES:]
+        if self._tail.endswith(END_OF_CHUNKED):
+            self._finish("" if DONE in self._tail else "the body ended without data: [DONE]")
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        ended = b"[DONE]" in self._tail16 or self._tail16.endswith(END_OF_CHUNKED)
-        self._finish(ended and self._events > 0, "" if ended else f"connection lost: {exc}")
+        ended = DONE in self._tail or self._tail.endswith(END_OF_CHUNKED)
+        self._finish("" if ended else f"connection lost: {exc}")
 
-    def _finish(self, ok: bool, error: str) -> None:
+    def _finish(self, error: str, *, abandoned: bool = False) -> None:
         waiter, self._waiter = self._waiter, None
-        if waiter is not None and not waiter.done():
-            ttfb = self._first - self._t0 if self._first else float("nan")
-            waiter.set_result(Outcome(ok, ttfb, self._events, self._backend, error))
+        if waiter is None or waiter.done():
+            return
+        done = DONE in self._tail
+        kind = classify(status=self._status, done=done, sse_error=bool(self._error), abandoned=abandoned)
+        if self._error:
+            error = self._error.decode(errors="replace")
+        ttfb = self._first - self._t0 if self._first else float("nan")
+        waiter.set_result(
+            Outcome(kind, ttfb, self._events, self._backend, "" if kind is StreamOutcome.OK else error)
+        )
 
 
 def _address(pair: Any) -> tuple[str, int]:
@@ -160,21 +308,62 @@ async def _connect(host: str, port: int, totals: Totals) -> _Conn:
 
 
 async def _one_stream(
-    conn: _Conn | None, target: tuple[str, int], request: bytes, totals: Totals, *, want_backend: bool = False
+    conn: _Conn | None,
+    target: tuple[str, int],
+    request: bytes,
+    totals: Totals,
+    *,
+    want_backend: bool = False,
+    timeout_s: float = STREAM_TIMEOUT_S,
+    on_first_event: Callable[[], None] | None = None,
+    abandon: bool = False,
 ) -> tuple[Outcome, _Conn | None, float]:
     """One stream on `conn` (or a new connection); returns the outcome, the connection to reuse, its start."""
     started = perf_counter()
     try:
-        async with asyncio.timeout(STREAM_TIMEOUT_S):
+        async with asyncio.timeout(timeout_s):
             if conn is None or conn.closed:
                 conn = await _connect(*target, totals)
-            outcome = await conn.start(request, want_backend=want_backend)
-    except (OSError, TimeoutError) as exc:
+            outcome = await conn.start(
+                request, want_backend=want_backend, on_first_event=on_first_event, abandon=abandon
+            )
+    except asyncio.CancelledError:
         if conn is not None and conn.transport is not None:
             conn.transport.close()
-        return Outcome(False, float("nan"), 0, error=repr(exc)), None, started
+        raise
+    except (OSError, TimeoutError) as exc:
+        status = None
+        if conn is not None:
+            status = conn.status
+            if conn.transport is not None:
+                conn.transport.close()
+        kind = classify(status=status, done=False, sse_error=False)
+        return Outcome(kind, float("nan"), 0, error=repr(exc)[:ERROR_TEXT_BYTES]), None, started
     outcome.ttfb_s += conn._t0 - started  # the connect time, when this stream opened the connection
     return outcome, (conn if outcome.ok and not conn.closed else None), started
+
+
+async def stream(
+    target: tuple[str, int],
+    *,
+    max_tokens: int,
+    model: str = "m",
+    timeout_s: float = STREAM_TIMEOUT_S,
+    on_first_event: Callable[[], None] | None = None,
+    abandon: bool = False,
+) -> Outcome:
+    """Run one streaming completion on a fresh connection to `target` in the running event loop.
+
+    `on_first_event` is called when the first `data:` event arrives (the demo stamps its wait then);
+    `abandon` closes the stream right after it (a client that goes away).
+    """
+    request = request_bytes(max_tokens=max_tokens, keep_alive=False, model=model)
+    outcome, conn, _ = await _one_stream(
+        None, target, request, Totals(), timeout_s=timeout_s, on_first_event=on_first_event, abandon=abandon
+    )
+    if conn is not None and conn.transport is not None:
+        conn.transport.close()
+    return outcome
 
 
 def _emit(obj: dict[str, Any]) -> None:
@@ -269,7 +458,13 @@ async def _replay(spec: dict[str, Any]) -> dict[str, Any]:
         if conn is not None and conn.transport is not None:
             conn.transport.close()
         ok = outcome.ok and outcome.events == max_tokens + 1
-        results[k] = {"ok": ok, "ttft_s": outcome.ttfb_s, "backend": outcome.backend, "error": outcome.error}
+        results[k] = {
+            "ok": ok,
+            "outcome": outcome.kind.value,
+            "ttft_s": outcome.ttfb_s,
+            "backend": outcome.backend,
+            "error": outcome.error,
+        }
 
     t0 = loop.time()
     tasks = []

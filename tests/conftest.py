@@ -14,10 +14,10 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark each test unit/integration/e2e by its folder, so `-m unit` selects the fast ones."""
+    """Mark each test unit/integration/e2e/deploy by its folder, so `-m unit` selects the fast ones."""
     for item in items:
         parts = Path(str(item.fspath)).parts
-        for marker in ("unit", "integration", "e2e"):
+        for marker in ("unit", "integration", "e2e", "deploy"):
             if marker in parts:
                 item.add_marker(getattr(pytest.mark, marker))
 

@@ -5,9 +5,9 @@ in `tests.fakes.e2e_system`) and one test per claim:
 
 - the in-test Kubernetes API server (`tests.fakes.kube_api`) holds the worker Deployment, its pods and
   EndpointSlices, the balancer Service's EndpointSlice and the ScalingPolicy; `tests.fakes.e2e_kubelet`
-  plays the ReplicaSet (lowest pod-deletion-cost removed first), the kubelet (each pod's container is an
-  in-process emulated GPU server on its own loopback port, started and stopped with the pod) and the
-  EndpointSlice controller;
+  plays the ReplicaSet (its removal order: among Ready pods, the lowest pod-deletion-cost first), the
+  kubelet (each pod's container is an in-process emulated GPU server on its own loopback port, started and
+  stopped with the pod) and the EndpointSlice controller;
 - the balancer (`balancer.app`, in process) discovers the workers through those EndpointSlices and their
   pods' drain annotations (the Kubernetes watch, not a static file) and serves `/signals` and `/metrics`;
 - the controller (`controller.loop.Controller` with `KubeCluster`) reads demand from a real Prometheus
@@ -111,9 +111,9 @@ def test_the_drop_drains_then_removes_only_idle_pods_without_cutting_a_stream(sy
     assert run.drains_total >= len(run.removed)
     out = run.outcomes
     assert out.started > 100, out
-    assert (out.cut, out.failed, out.rejected) == (0, 0, 0), out.errors[:5]
+    assert (out.cut, out.error, out.rejected) == (0, 0, 0), out.errors[:5]
     assert out.abandoned == 1
-    assert out.completed == out.started - out.abandoned
+    assert out.ok == out.started - out.abandoned
     assert set(run.balancer_failures) <= CLIENT_GONE_REASONS, run.balancer_failures
     assert sum(run.balancer_failures.values()) == out.abandoned
 

@@ -2,8 +2,8 @@
 
 It records every call in `calls` (method name and arguments, in order), raises `next_error` once on the next
 call when a test sets it (then clears it), and applies what it is told to its own `ClusterState` so a test can
-read back the result: `set_replicas` adds pending pods or removes the lowest-deletion-cost pods as a
-ReplicaSet would, `annotate` merge-patches pod annotations, `provision` records the GPUs held. Pods do not
+read back the result: `set_replicas` adds pending pods, or removes pods in the ReplicaSet controller's order
+(`emulation.lifecycle.pods_to_delete`, the one the simulator and the demo use too), `annotate` merge-patches pod annotations, `provision` records the GPUs held. Pods do not
 start on their own: a test moves them with `set_phase()`.
 
 What it does not do: model timing (the simulator's cluster does) or talk to any API.
@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from controller import cluster
+from emulation import lifecycle
 
 
 class FakeCluster:
@@ -56,10 +57,11 @@ class FakeCluster:
                     cluster.PodState(name=f"worker-{self._serial}", phase="pending", created_s=self.now_s)
                 )
         elif replicas < len(pods):
-            # The ReplicaSet's order on scale-down: lowest deletion cost first, then not-ready before ready.
-            rank = {"pending": 0, "starting": 1, "ready": 2, "terminating": 3}
-            pods.sort(key=lambda p: (_cost(p), rank[p.phase], -p.created_s))
-            pods = pods[len(pods) - replicas :]
+            chosen = lifecycle.pods_to_delete(
+                [_candidate(p) for p in pods], len(pods) - replicas, now_s=self.now_s
+            )
+            gone = {c.name for c in chosen}
+            pods = [p for p in pods if p.name not in gone]
         self.current = dataclasses.replace(self.current, spec_replicas=replicas, pods=tuple(pods))
 
     def provision(self, gpus: int) -> None:
@@ -104,11 +106,17 @@ class FakeCluster:
         return [args for name, args in self.calls if name == method]
 
 
-def _cost(pod: cluster.PodState) -> int:
-    try:
-        return int(pod.annotations.get(cluster.DELETION_COST_ANNOTATION, "0"))
-    except ValueError:
-        return 0
+def _candidate(pod: cluster.PodState) -> lifecycle.RemovalCandidate:
+    """A pod as the ReplicaSet ranks it. A `starting` pod is bound and counted as Running (its container loads
+    the model); `pending` is Pending; Ready pods carry their ready time."""
+    return lifecycle.RemovalCandidate(
+        name=pod.name,
+        node=pod.node or ("node" if pod.phase != "pending" else None),
+        phase="Pending" if pod.phase == "pending" else "Running",
+        ready_s=(pod.ready_s if pod.ready_s is not None else pod.created_s) if pod.phase == "ready" else None,
+        created_s=pod.created_s,
+        deletion_cost=lifecycle.deletion_cost(pod.annotations),
+    )
 
 
 _: cluster.Cluster = FakeCluster()

@@ -4,9 +4,9 @@
 Deployment's replicas real: every `poll_s` it
 
 1. lets the API server play the ReplicaSet (`FakeKubeApi.run_workloads`): pods are created up to
-   `spec.replicas`, and on a scale-down the pods with the lowest `controller.kubernetes.io/pod-deletion-cost`
-   are deleted first, as the ReplicaSet controller does; which pods went, with the annotations they carried
-   at that moment, is recorded in `removed`;
+   `spec.replicas`, and on a scale-down pods are deleted in the ReplicaSet controller's order (among Ready
+   pods, the lowest `controller.kubernetes.io/pod-deletion-cost` first); which pods went, with the annotations
+   they carried at that moment, is recorded in `removed`;
 2. walks each new pod through its life on the real clock, with the delays given: bound to the GPU node
    (`PodScheduled`), container started (an in-process emulated GPU server, `emulation.worker`, on
    its own loopback port; the endpoint appears, not ready), then Ready after the model-load delay (the
@@ -38,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from contract import clock as clock_mod
+from controller import cluster
 from emulation import worker as backend_emulator
 from tests.fakes import kube_api
 from tests.fakes.balancer_env import start_app
@@ -45,7 +46,7 @@ from tests.fakes.balancer_env import start_app
 Obj = dict[str, Any]
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
-DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+DELETION_COST = cluster.DELETION_COST_ANNOTATION
 MAX_POLLS = 100_000
 """Polls one kubelet makes at most (about 80 minutes at 50 ms): bounds a test that forgets to stop it."""
 

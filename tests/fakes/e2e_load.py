@@ -1,16 +1,12 @@
-"""A load generator for end-to-end tests: streaming completions through the balancer, every outcome counted.
+"""The end-to-end tests' load: streaming completions through the balancer at a scripted rate, every outcome counted.
 
 `LoadGenerator.run(profile)` sends OpenAI-style `stream: true` requests to the balancer at the arrival rate
 the profile gives for each moment (streams per second, piecewise linear between `(t_s, rate)` points,
-arrivals evenly spaced), each asking for `tokens` tokens, and reads every stream to its end. Each stream ends
-in exactly one outcome:
-
-- `completed`: the SSE stream reached `data: [DONE]`;
-- `cut`: bytes arrived but the stream ended without `[DONE]` (an error event, a reset, a premature EOF);
-- `failed`: no byte arrived (connect error, a non-200 answer other than 503/429);
-- `rejected`: 503 or 429 (the balancer's admission said no);
-- `abandoned`: the generator itself gave up on it on purpose (`abandon_one()`), which the balancer must
-  count as a client-side failure and nothing else.
+arrivals evenly spaced), each asking for `tokens` tokens, and reads every stream to its end. The streams are
+`emulation.loadgen.stream`, the one client the demo and the benchmarks use too, so each ends in exactly one
+`emulation.loadgen.StreamOutcome` (ok, error, cut, rejected, abandoned), classified the same way everywhere;
+`outcomes` tallies them. `abandon_one()` starts a stream the client walks away from after its first event,
+which the balancer must count as a client-side failure and nothing else.
 
 It also samples its own concurrency (streams open now) after every change, so a test can say when demand
 reached a level without asking the system under test. Times come from the injected `Clock`'s
@@ -24,32 +20,19 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
+import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-
-import aiohttp
 
 from contract import clock as clock_mod
+from emulation import loadgen
 
 MAX_STREAMS = 2000
 """Streams one run may start at most: bounds a runaway profile (the e2e runs send a few hundred)."""
 
+STREAM_TIMEOUT_S = 120.0
+"""A stream not done by then ends as error or cut (the e2e streams take seconds)."""
 
-@dataclass
-class Outcomes:
-    """How every stream ended (see the module docstring), and errors seen on cut or failed ones."""
-
-    started: int = 0
-    completed: int = 0
-    cut: int = 0
-    failed: int = 0
-    rejected: int = 0
-    abandoned: int = 0
-    errors: list[str] = field(default_factory=list)
-
-    @property
-    def open(self) -> int:
-        return self.started - self.completed - self.cut - self.failed - self.rejected - self.abandoned
+Outcomes = loadgen.Tally
 
 
 class LoadGenerator:
@@ -63,7 +46,10 @@ class LoadGenerator:
         clock: clock_mod.Clock = clock_mod.SYSTEM,
         origin_s: float | None = None,
     ) -> None:
-        self.url = url.rstrip("/") + "/v1/chat/completions"
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme != "http" or parts.hostname is None or parts.port is None:
+            raise ValueError(f"LoadGenerator needs an http://host:port URL, got {url!r}")
+        self.target = (parts.hostname, parts.port)
         self.tokens = tokens
         self.clock = clock
         self.origin_s = clock.monotonic() if origin_s is None else origin_s
@@ -72,13 +58,8 @@ class LoadGenerator:
         self.concurrency: list[tuple[float, int]] = []
         """(monotonic time, streams open) after every start and end."""
         self._tasks: set[asyncio.Task[None]] = set()
-        self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> LoadGenerator:
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=120, sock_connect=5),
-        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -86,8 +67,6 @@ class LoadGenerator:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
 
     def elapsed_s(self) -> float:
         return self.clock.monotonic() - self.origin_s
@@ -116,7 +95,7 @@ class LoadGenerator:
             await self.clock.sleep(tick_s)
 
     def abandon_one(self) -> None:
-        """Start one stream and walk away from it after its first chunk (a client that goes away)."""
+        """Start one stream and walk away from it after its first event (a client that goes away)."""
         self._start(abandon=True)
 
     async def drain(self, *, timeout_s: float) -> bool:
@@ -137,43 +116,11 @@ class LoadGenerator:
         self.concurrency.append((self.clock.monotonic(), self.outcomes.open))
 
     async def _one(self, *, abandon: bool) -> None:
-        assert self._session is not None
-        body = {
-            "model": "e2e",
-            "stream": True,
-            "max_tokens": self.tokens,
-            "messages": [{"role": "user", "content": "hello"}],
-        }
-        got_bytes = False
-        outcome = "cut"
-        try:
-            async with self._session.post(self.url, json=body) as resp:
-                if resp.status in (429, 503):
-                    outcome = "rejected"
-                    return
-                if resp.status != 200:
-                    outcome = "failed"
-                    self.outcomes.errors.append(f"HTTP {resp.status}: {(await resp.text())[:200]}")
-                    return
-                async for line in resp.content:
-                    got_bytes = True
-                    if abandon:
-                        outcome = "abandoned"
-                        resp.close()
-                        return
-                    if line.startswith(b"data: [DONE]"):
-                        outcome = "completed"
-                    elif line.startswith(b"data:") and b'"error"' in line[:64]:
-                        self.outcomes.errors.append(line.decode(errors="replace")[:200])
-                if outcome != "completed":
-                    self.outcomes.errors.append("stream ended without [DONE]")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if not got_bytes:
-                outcome = "failed"
-            self.outcomes.errors.append(f"{type(exc).__name__}: {exc}"[:200])
-        finally:
-            setattr(self.outcomes, outcome, getattr(self.outcomes, outcome) + 1)
-            self._sample()
+        outcome = await loadgen.stream(
+            self.target, max_tokens=self.tokens, model="e2e", timeout_s=STREAM_TIMEOUT_S, abandon=abandon
+        )
+        self.outcomes.add(outcome)
+        self._sample()
 
 
 def rate_at(profile: Sequence[tuple[float, float]], t_s: float) -> float:

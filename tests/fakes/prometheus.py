@@ -20,7 +20,6 @@ import contextlib
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import urllib.error
 import urllib.parse
@@ -35,6 +34,7 @@ import pytest
 import yaml
 
 from contract.clock import SYSTEM
+from emulation import processes
 
 PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
@@ -172,13 +172,6 @@ def backfill(data_dir: Path, series: Sequence[Sample]) -> None:
         raise RuntimeError(f"promtool backfill failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @contextlib.contextmanager
 def running_prometheus(
     tmp_dir: Path,
@@ -205,7 +198,7 @@ def running_prometheus(
     }
     config_path = tmp_dir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
-    port = port or free_port()
+    port = port or processes.free_port()
     log = (tmp_dir / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [

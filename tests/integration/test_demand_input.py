@@ -16,6 +16,8 @@ from contract import clock as clock_mod
 from contract import signals as sig
 from controller import cluster, decide, pipeline, policy
 from controller.demand import registry
+from emulation import processes
+from tests.fakes import specs
 from tests.fakes.cluster import FakeCluster
 from tests.fakes.prometheus import per_backend, recorded_demand, running_prometheus
 
@@ -58,14 +60,12 @@ async def balancer() -> AsyncIterator[Balancer]:
 
 
 def make_spec(**demand_over: object) -> policy.ScalingPolicySpec:
-    return policy.ScalingPolicySpec.model_validate(
-        {
-            "scaleTargetRef": {"kind": "Deployment", "name": "worker"},
-            "demand": {"balancer": {"service": "balancer"}, **demand_over},
-            "capacity": {"streamsPerReplica": 64},
-            "replicas": {"min": 1, "max": 40},
-            "forecast": {"stepSeconds": 60, "historySeconds": 86400, "model": "seasonalNaive"},
-        }
+    return specs.spec(
+        demand={"balancer": {"service": "balancer"}, **demand_over},
+        streams_per_replica=64,
+        min_replicas=1,
+        max_replicas=40,
+        forecast={"stepSeconds": 60, "historySeconds": 86400, "model": "seasonalNaive"},
     )
 
 
@@ -133,10 +133,9 @@ async def test_prometheus_and_signals_feed_decide(tmp_path: Path, balancer: Bala
 
 
 async def test_unreachable_prometheus_is_reported_and_decide_holds(balancer: Balancer) -> None:
-    from tests.fakes.prometheus import free_port
 
     now = 1_700_000_000.0
-    spec = make_spec(prometheus={"url": f"http://127.0.0.1:{free_port()}", "query": QUERY})
+    spec = make_spec(prometheus={"url": f"http://127.0.0.1:{processes.free_port()}", "query": QUERY})
     reader = registry.PolicyDemand(spec)
     balancer.time = now
     async with aiohttp.ClientSession() as session:

@@ -13,9 +13,10 @@ import pytest
 from aiohttp import web
 
 from contract import signals as sig
-from controller import cluster, decide, policy
+from controller import cluster, decide
 from controller.demand import balancers
-from tests.fakes.prometheus import free_port
+from emulation import processes
+from tests.fakes import specs
 
 NOW = 1_700_000_000.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -101,7 +102,7 @@ async def test_merges_good_replicas_and_names_every_bad_one(
     ]
     bad = {
         await servers.start(slow): "no answer within 0.5 s",
-        f"127.0.0.1:{free_port()}": "unreachable",
+        f"127.0.0.1:{processes.free_port()}": "unreachable",
         await servers.start(answer("{not json")): "malformed /signals",
         await servers.start(
             answer(json.dumps({"replica": "b-9", "time": NOW, "schema_version": 2}))
@@ -130,14 +131,7 @@ async def test_merges_good_replicas_and_names_every_bad_one(
         )
 
     # decide() takes the partial figures as a floor and will not scale down on them.
-    spec = policy.ScalingPolicySpec.model_validate(
-        {
-            "scaleTargetRef": {"kind": "Deployment", "name": "w"},
-            "demand": {"balancer": {"service": "balancer"}},
-            "capacity": {"streamsPerReplica": 4},
-            "replicas": {"max": 10},
-        }
-    )
+    spec = specs.spec(demand={"balancer": {"service": "balancer"}}, max_replicas=10)
     ts = NOW - 60 * np.arange(20, dtype=np.float64)[::-1]
     history = decide.DemandHistory(
         step_s=60,
@@ -172,7 +166,7 @@ async def test_replicas_are_asked_at_the_same_time(servers: Servers, session: ai
 
 
 async def test_no_usable_replica_gives_no_snapshot(session: aiohttp.ClientSession) -> None:
-    down = [f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"]
+    down = [f"127.0.0.1:{processes.free_port()}", f"127.0.0.1:{processes.free_port()}"]
     reading = await balancers.fetch_signals(session, down, now=NOW, stale_after_s=60, timeout_s=1)
     assert reading.snapshot is None and len(reading.errors) == 2
     assert all("unreachable" in e for e in reading.errors)

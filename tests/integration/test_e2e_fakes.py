@@ -2,7 +2,7 @@
 
 `tests.fakes.e2e_kubelet.FakeKubelet` must run a pod per replica behind a ready EndpointSlice, remove the
 pod with the lowest pod-deletion-cost on a scale-down, and stop its server; `tests.fakes.e2e_load` must tell
-a completed stream from a cut one. If these were wrong, the end-to-end claims (zero streams cut, idle pods
+a completed stream from a cut, rejected or abandoned one. If these were wrong, the end-to-end claims (zero streams cut, idle pods
 removed) would prove nothing.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from balancer import proxy
 from tests.fakes import e2e_kubelet, e2e_load, kube_api
 from tests.fakes.balancer_env import emulators, scripted_backend
 
@@ -87,7 +88,7 @@ async def test_load_generator_tells_completed_cut_and_abandoned_streams_apart() 
             assert await load.drain(timeout_s=10)
         out = load.outcomes
         assert out.started >= 5
-        assert (out.completed, out.cut, out.failed, out.abandoned) == (out.started - 1, 0, 0, 1)
+        assert (out.ok, out.cut, out.error, out.abandoned) == (out.started - 1, 0, 0, 1)
         assert load.peak_concurrency() >= 1 and load.concurrency[-1][1] == 0
 
     runner, address = await scripted_backend(one_chunk_then_close)
@@ -96,7 +97,41 @@ async def test_load_generator_tells_completed_cut_and_abandoned_streams_apart() 
             await load.run([(0.0, 20.0)], until_s=0.2)
             assert await load.drain(timeout_s=10)
         assert load.outcomes.started >= 2
-        assert load.outcomes.cut == load.outcomes.started and load.outcomes.completed == 0
+        assert load.outcomes.cut == load.outcomes.started and load.outcomes.ok == 0
+    finally:
+        await runner.cleanup()
+
+
+async def test_load_generator_counts_a_stream_ended_by_an_error_event_as_cut() -> None:
+    """What the balancer sends when a backend dies mid-stream: an error event and a clean end of the body."""
+
+    async def error_event_then_end(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": []}\n\n')
+        await resp.write(proxy.TERMINAL_SSE_ERROR)
+        await resp.write_eof()
+        return resp
+
+    async def overloaded(request: web.Request) -> web.Response:
+        return web.json_response({"error": "busy"}, status=503)
+
+    runner, address = await scripted_backend(error_event_then_end)
+    try:
+        async with e2e_load.LoadGenerator(f"http://{address}", tokens=5) as load:
+            await load.run([(0.0, 20.0)], until_s=0.2)
+            assert await load.drain(timeout_s=10)
+        out = load.outcomes
+        assert out.started >= 2 and out.cut == out.started
+        assert all("upstream_error" in e for e in out.errors)
+    finally:
+        await runner.cleanup()
+    runner, address = await scripted_backend(overloaded)
+    try:
+        async with e2e_load.LoadGenerator(f"http://{address}", tokens=5) as load:
+            await load.run([(0.0, 20.0)], until_s=0.2)
+            assert await load.drain(timeout_s=10)
+        assert load.outcomes.started >= 2 and load.outcomes.rejected == load.outcomes.started
     finally:
         await runner.cleanup()
 

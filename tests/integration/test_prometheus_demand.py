@@ -16,10 +16,11 @@ from aiohttp import web
 from contract.clock import SYSTEM
 from controller import cluster, decide, forecasting, policy
 from controller.demand import prometheus
+from emulation import processes
+from tests.fakes import specs
 from tests.fakes.prometheus import (
     PrometheusServer,
     Sample,
-    free_port,
     per_backend,
     recorded_demand,
     running_prometheus,
@@ -130,20 +131,18 @@ def test_invalid_promql_names_prometheus_error(prom: PrometheusServer, recorded:
 
 
 def _spec() -> policy.ScalingPolicySpec:
-    return policy.ScalingPolicySpec.model_validate(
-        {
-            "scaleTargetRef": {"kind": "Deployment", "name": "worker"},
-            "demand": {"prometheus": {"url": "http://unused", "query": QUERY}, "staleAfterSeconds": 60},
-            "capacity": {"streamsPerReplica": 64},
-            "replicas": {"min": 1, "max": 40},
-            "forecast": {"stepSeconds": 60, "historySeconds": 86400, "model": "seasonalNaive"},
-        }
+    return specs.spec(
+        demand={"prometheus": {"url": "http://unused", "query": QUERY}, "staleAfterSeconds": 60},
+        streams_per_replica=64,
+        min_replicas=1,
+        max_replicas=40,
+        forecast={"stepSeconds": 60, "historySeconds": 86400, "model": "seasonalNaive"},
     )
 
 
 def test_prometheus_going_away_holds_capacity_until_it_is_back(tmp_path: Path, recorded: Recorded) -> None:
     spec = _spec()
-    port = free_port()
+    port = processes.free_port()
     now = recorded.hour - 3 * 3600 + 5
     forecasts = forecasting.PolicyForecast(spec.forecast)
     pods = tuple(cluster.PodState(name=f"w{i}", phase="ready", created_s=now - 7200) for i in range(40))

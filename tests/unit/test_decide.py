@@ -11,6 +11,7 @@ import pytest
 
 from contract import signals as sig
 from controller import cluster, decide, policy
+from tests.fakes import specs
 from tests.fakes.cluster import FakeCluster
 
 NOW = 1_700_000_000.0
@@ -46,8 +47,7 @@ def run(
 
 def make_spec(**over: Any) -> policy.ScalingPolicySpec:
     """A valid policy with both demand sources; `over` replaces top-level wire sections."""
-    raw: dict[str, Any] = {
-        "scaleTargetRef": {"kind": "Deployment", "name": "worker"},
+    sections: dict[str, Any] = {
         "demand": {
             "prometheus": {"query": "sum(x)"},
             "balancer": {"service": "balancer"},
@@ -57,8 +57,8 @@ def make_spec(**over: Any) -> policy.ScalingPolicySpec:
         "replicas": {"min": 1, "max": 20},
         "scaleDown": {"stabilizationWindowSeconds": 600, "maxPodsPerMinute": 1, "drainTimeoutSeconds": 300},
     }
-    raw.update(over)
-    return policy.ScalingPolicySpec.model_validate(raw)
+    sections.update(over)
+    return specs.spec(**sections)
 
 
 def make_history(

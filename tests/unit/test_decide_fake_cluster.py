@@ -38,12 +38,13 @@ def test_calls_are_recorded_and_next_error_raises_once() -> None:
     assert fake.calls == [] and fake.next_error is None and fake.state().spec_replicas == 2
 
 
-def test_scale_down_removes_lowest_deletion_cost_then_not_ready_first() -> None:
+def test_scale_down_removes_a_pending_pod_before_a_ready_one_whatever_its_deletion_cost() -> None:
+    """The ReplicaSet ranks unassigned and not-Ready pods before pod-deletion-cost; cost-first would take w1."""
     pods = (*ready_pods(3), cluster.PodState(name="p", phase="pending", created_s=NOW))
     fake = FakeCluster(cluster.ClusterState(spec_replicas=4, pods=pods))
+    fake.annotate("w1", {cluster.DELETION_COST_ANNOTATION: "-5"})
     fake.set_replicas(3)
     assert {p.name for p in fake.current.pods} == {"w0", "w1", "w2"}
-    fake.annotate("w1", {cluster.DELETION_COST_ANNOTATION: "-5"})
     fake.set_replicas(2)
     assert {p.name for p in fake.current.pods} == {"w0", "w2"}
 

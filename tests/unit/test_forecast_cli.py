@@ -39,9 +39,14 @@ def test_json_output_parses_and_reports_model_and_baselines(
     assert names == ["snaive_day", "recent_max"]
     for m in [out["model"], *out["baselines"]]:
         assert 0.0 <= m["coverage"] <= 1.0
-        assert m["coverage"] + m["under_rate"] == pytest.approx(1.0)
         assert m["origins"] == out["model"]["origins"] > 100
         assert m["pinball_peak"] >= 0 and m["path_mae"] >= 0
+    # The series is a stationary daily cycle: the calibrated q0.9 model covers about 90% of the peaks, and at
+    # its quantile it scores better than both baselines (which cover only about 58%).
+    model = out["model"]
+    assert model["coverage"] >= 0.85 and model["under_rate"] <= 0.15
+    assert all(model["pinball_peak"] < b["pinball_peak"] for b in out["baselines"])
+    assert all(b["under_rate"] > model["under_rate"] for b in out["baselines"])
     assert sum(out["chosen"].values()) >= 1
 
 

@@ -5,24 +5,15 @@ from __future__ import annotations
 import pytest
 
 from controller import cluster, policy
-from emulation import sim
+from emulation import lifecycle, sim
+from tests.fakes import specs
 
 START = 1_700_000_000.0
 
 
-def spec(**lead: float) -> policy.ScalingPolicySpec:
-    return policy.ScalingPolicySpec.model_validate(
-        {
-            "scaleTargetRef": {"kind": "Deployment", "name": "llm"},
-            "demand": {"prometheus": {"query": "q"}},
-            "capacity": {"streamsPerReplica": 4, "gpusPerReplica": 1, "gpusPerNode": 2},
-            "replicas": {"min": 0, "max": 50},
-            "leadTime": {
-                "nodeProvisioningSeconds": lead.get("node", 300),
-                "podStartSeconds": lead.get("pod", 60),
-                "modelLoadSeconds": lead.get("load", 120),
-            },
-        }
+def spec() -> policy.ScalingPolicySpec:
+    return specs.spec(
+        gpus_per_replica=1, gpus_per_node=2, min_replicas=0, max_replicas=50, lead_s=(300, 60, 120)
     )
 
 
@@ -32,15 +23,15 @@ def test_new_pod_waits_for_a_node_then_starts_and_loads_within_the_jittered_lead
     st = c.state()
     assert [p.phase for p in st.pods] == ["pending"]
     assert st.pending_gpus == 2  # one 2-GPU node requested
-    c.advance(START + 300 * (1 - sim.JITTER) - 1)
+    c.advance(START + 300 * (1 - lifecycle.JITTER) - 1)
     assert c.state().pods[0].phase == "pending"
-    c.advance(START + 300 * (1 + sim.JITTER))
+    c.advance(START + 300 * (1 + lifecycle.JITTER))
     pod = c.state().pods[0]
     assert pod.phase == "starting" and pod.node is not None
     ready_at = c.pods[0].ready_s
     assert ready_at is not None
-    lo = START + (300 + 60 + 120) * (1 - sim.JITTER)
-    hi = START + (300 + 60 + 120) * (1 + sim.JITTER)
+    lo = START + (300 + 60 + 120) * (1 - lifecycle.JITTER)
+    hi = START + (300 + 60 + 120) * (1 + lifecycle.JITTER)
     assert lo <= ready_at <= hi
     c.advance(ready_at)
     assert c.state().ready_replicas == 1

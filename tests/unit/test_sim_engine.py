@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from emulation import streams as sim_streams
+from tests.fakes import specs
 
 
 def test_replay_gives_each_stream_the_earliest_free_slot_in_arrival_order() -> None:
@@ -27,9 +28,11 @@ def test_replay_rejects_streams_that_would_wait_past_the_timeout_and_keeps_the_r
     assert done == 1 and not rejected.any()
 
 
-def _fast_path_says_no_wait(arr: np.ndarray, dur: np.ndarray, supply: np.ndarray) -> bool:
-    tick = sim_streams.Tick.of(0.0, 15.0, arr, dur)
-    return bool((np.searchsorted(np.sort(supply), arr, side="right") >= tick.need).all())
+def test_no_wait_sees_the_one_arrival_that_would_wait() -> None:
+    tick = sim_streams.Tick.of(0.0, 15.0, np.array([0.0, 1.0, 8.0]), np.array([5.0, 5.0, 1.0]))
+    assert not sim_streams.no_wait(tick, np.array([0.0, 6.0]))  # the 1.0 arrival finds no free slot
+    assert sim_streams.no_wait(tick, np.array([0.0, 0.5]))
+    assert sim_streams.no_wait(tick, np.array([0.0, 1.0]))  # a slot freed at the arrival instant is free
 
 
 @pytest.mark.parametrize("seed", range(30))
@@ -41,7 +44,7 @@ def test_vectorised_no_wait_test_agrees_with_the_stream_by_stream_replay(seed: i
     supply = np.concatenate([np.zeros(int(rng.integers(0, 8))), rng.random(int(rng.integers(0, 20))) * 15.0])
     starts, _rejected, done = sim_streams._replay(arr, dur, np.sort(supply).tolist(), t1=15.0, timeout_s=60.0)
     replay_no_wait = done == n and bool(np.allclose(starts, arr))
-    assert _fast_path_says_no_wait(arr, dur, supply) == replay_no_wait
+    assert sim_streams.no_wait(sim_streams.Tick.of(0.0, 15.0, arr, dur), np.sort(supply)) == replay_no_wait
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -102,3 +105,26 @@ def test_forward_max_is_what_must_be_billed_a_lead_time_ahead() -> None:
     x = np.array([0, 0, 0, 3, 0, 0, 1, 0], dtype=np.int64)
     assert sim_streams.forward_max(x, 2).tolist() == [0, 3, 3, 3, 1, 1, 1, 0]
     assert sim_streams.forward_max(x, 0).tolist() == x.tolist()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_oracle_peak_per_second_is_the_most_streams_open_at_any_instant(seed: int) -> None:
+    """Checked by brute force: the open count changes only at an arrival or an end, so each second's peak is
+    the count at its start or just after one of its arrivals."""
+    rng = np.random.default_rng(seed)
+    arr = np.sort(rng.random(300) * 60.0)
+    dur = rng.exponential(4.0, arr.size) + 0.01
+    spec = specs.spec(streams_per_replica=4)
+    oracle = sim_streams.Oracle(spec, start_s=0.0, end_s=60.0)
+    for t0 in range(0, 60, 15):
+        inside = (arr >= t0) & (arr < t0 + 15)
+        oracle.step(sim_streams.Tick.of(float(t0), float(t0 + 15), arr[inside], dur[inside]))
+    ends = arr + dur
+
+    def open_at(t: float) -> int:
+        return int(np.sum((arr <= t) & (ends > t)))
+
+    for sec in range(60):
+        instants = [float(sec), *arr[(arr >= sec) & (arr < sec + 1)].tolist()]
+        assert oracle.sec_max[sec] == max(open_at(t) for t in instants), sec
+    assert oracle.replicas_per_s().tolist()[:60] == [-(-int(n) // 4) for n in oracle.sec_max[:60]]

@@ -26,8 +26,9 @@ namespace, name), and `rbac_rules()` turns them into the `(apiGroup, resource[/s
 least-privilege Role must grant; `tests` of the manifests compare the two.
 
 It also plays the ReplicaSet controller and the kubelet on request (`run_workloads()`, `set_pod_state()`),
-deterministically, so tests decide when pods appear, become Ready and go away. Scale-down removes the pods
-with the lowest `controller.kubernetes.io/pod-deletion-cost` first, as the ReplicaSet controller does.
+deterministically, so tests decide when pods appear, become Ready and go away. Scale-down removes pods in the
+ReplicaSet controller's order (`emulation.lifecycle.pods_to_delete`: unassigned, then pending, then not Ready,
+then the lowest `controller.kubernetes.io/pod-deletion-cost`, ...).
 
 What it does not do: authentication, admission webhooks, server-side apply, garbage collection, pagination
 (`limit` is ignored and everything is returned), or field selectors beyond simple `path=value` / `path!=value`.

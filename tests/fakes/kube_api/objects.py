@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from contract import clock as clock_mod
+from tests.fakes import specs
 
 Obj = dict[str, Any]
 
@@ -81,14 +82,17 @@ def deployment(
 
 def scaling_policy(name: str, namespace: str = "llm", *, target: str | None = None, **spec: Any) -> Obj:
     """A valid ScalingPolicy for Deployment `target` (default: the policy's name); `spec` overrides fields."""
-    body: Obj = {
-        "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": target or name},
-        "demand": {
+    body = specs.wire(
+        demand={
             "prometheus": {"query": f'sum(forestall_balancer_active_streams{{namespace="{namespace}"}})'}
         },
-        "capacity": {"streamsPerReplica": 10, "gpusPerReplica": 1, "gpusPerNode": 8},
-        "replicas": {"min": 1, "max": 20},
-    }
+        streams_per_replica=10,
+        gpus_per_replica=1,
+        gpus_per_node=8,
+        min_replicas=1,
+        max_replicas=20,
+        scaleTargetRef={"apiVersion": "apps/v1", "kind": "Deployment", "name": target or name},
+    )
     body.update(spec)
     return {
         "apiVersion": "forestall.dev/v1alpha1",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import json
 import re
 from collections.abc import Callable
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+from emulation import lifecycle
 
 Obj = dict[str, Any]
 
@@ -161,12 +164,35 @@ def pod_ready(pod: Obj) -> bool:
     )
 
 
-def removal_rank(pod: Obj) -> tuple[int, int, int, str]:
-    """ReplicaSet scale-down order: unscheduled, then not ready, then lowest pod-deletion-cost, then newest."""
-    cost = int(pod["metadata"].get("annotations", {}).get("controller.kubernetes.io/pod-deletion-cost", "0"))
-    created = pod["metadata"].get("creationTimestamp", "")
-    newest_first = "".join(chr(0x10FFFF - ord(c)) for c in created)
-    return (1 if pod["spec"].get("nodeName") else 0, 1 if pod_ready(pod) else 0, cost, newest_first)
+def removal_candidate(pod: Obj) -> lifecycle.RemovalCandidate:
+    """What the ReplicaSet ranks a pod object by, for `emulation.lifecycle.pods_to_delete`."""
+    meta, status = pod["metadata"], pod.get("status", {})
+    ready_at = next(
+        (
+            c.get("lastTransitionTime")
+            for c in status.get("conditions", [])
+            if c.get("type") == "Ready" and c.get("status") == "True"
+        ),
+        None,
+    )
+    phase = status.get("phase", "Pending")
+    return lifecycle.RemovalCandidate(
+        name=meta["name"],
+        node=pod["spec"].get("nodeName") or None,
+        phase=phase if phase in ("Pending", "Unknown", "Running") else "Unknown",
+        ready_s=_unix_s(ready_at) if pod_ready(pod) else None,
+        created_s=_unix_s(meta.get("creationTimestamp")),
+        deletion_cost=lifecycle.deletion_cost(meta.get("annotations") or {}),
+        restarts=max((int(c.get("restartCount", 0)) for c in status.get("containerStatuses", [])), default=0),
+        uid=str(meta.get("uid", "")),
+    )
+
+
+def _unix_s(stamp: str | None) -> float:
+    """An RFC 3339 timestamp as Unix seconds; 0 when missing."""
+    if not stamp:
+        return 0.0
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def selector_matcher(labels: str | None, fields: str | None) -> Callable[[Obj], bool]:

@@ -14,6 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from contract import clock as clock_mod
+from emulation import lifecycle
 from tests.fakes import crd_schema
 from tests.fakes.kube_api.rest import (
     REASONS,
@@ -26,7 +27,7 @@ from tests.fakes.kube_api.rest import (
     mutable_meta,
     plural_of,
     pod_ready,
-    removal_rank,
+    removal_candidate,
     scale_of,
     selector_matcher,
 )
@@ -239,8 +240,9 @@ class FakeKubeApi:
             and "deletionTimestamp" not in p["metadata"]
         ]
         if len(pods) > want:
-            for pod in sorted(pods, key=removal_rank)[: len(pods) - want]:
-                self.delete("", "pods", ns, pod["metadata"]["name"])
+            candidates = [removal_candidate(p) for p in pods]
+            for chosen in lifecycle.pods_to_delete(candidates, len(pods) - want, now_s=self.clock.now()):
+                self.delete("", "pods", ns, chosen.name)
         template = owner["spec"]["template"]
         taken = {p["metadata"]["name"] for p in pods}
         for index in itertools.count():
