@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 import numpy as np
 import numpy.typing as npt
@@ -97,6 +98,14 @@ class Model(ABC):
     def fit(self, y: FloatArray, *, pos0: int) -> Model:
         """Learn slow-moving state from the history (default: nothing to learn)."""
         return self
+
+    def fit_steps(self, y: FloatArray, *, pos0: int) -> Iterator[None]:
+        """`fit` in slices of a few milliseconds, one per `yield`, for fits spread over live calls.
+
+        The default is one slice; a costly model (the gbm) overrides it.
+        """
+        self.fit(y, pos0=pos0)
+        yield
 
     @abstractmethod
     def predict(self, y: FloatArray, ends: IntArray, horizon: int, *, pos0: int) -> FloatArray:

@@ -151,3 +151,23 @@ def test_global_gbm_fitted_on_many_series_forecasts_an_unseen_one() -> None:
     truth = 1000.0 * (1.5 + np.sin(2 * np.pi * np.arange(y.size, y.size + 24) / 24))
     assert f.model_name_ == "gbm"
     assert np.max(np.abs(r.paths[0.5] - truth)) < 0.15 * truth.max()
+
+
+@pytest.mark.parametrize("loss", ["quantile", "squared_error"])
+def test_forest_predicts_what_scikit_learn_predicts_nan_included(loss: str) -> None:
+    """`gbm.Forest` walks scikit-learn's fitted trees itself for the live forecast's few rows; it must
+    agree with `predict`, missing values (routed by each split's learned side) included."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    from forecast import gbm
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 6))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    y = np.nan_to_num(x[:, 0]) * 2 + np.sin(np.nan_to_num(x[:, 1])) + rng.normal(scale=0.1, size=3000)
+    kw = {"quantile": 0.5} if loss == "quantile" else {}
+    reg = HistGradientBoostingRegressor(loss=loss, max_iter=40, max_leaf_nodes=15, random_state=0, **kw)
+    reg.fit(x, y)
+    test = rng.normal(size=(200, 6))
+    test[rng.random(test.shape) < 0.2] = np.nan
+    np.testing.assert_allclose(gbm.Forest(reg).predict(test), reg.predict(test), rtol=1e-9, atol=1e-9)
