@@ -44,8 +44,10 @@ MODEL_NAMES = (
     "profile_day",
     "profile_week",
     "gbm",
+    "median",
 )
-"""Accepted `model` values: `auto`, or one model forced."""
+"""Accepted `model` values: `auto`, or one model forced; `median` is the per-step median of seasonal naive
+by day and by week and the gbm (`models.MedianOf`), never among `auto`'s candidates."""
 
 MIN_POINTS = 3
 """Fewer valid samples than this is too short for any model, even the fallback."""
@@ -83,6 +85,10 @@ class ForecastResult:
     step_s: float
     origin_s: float
     """Unix time of the last sample; step i of a path is at `origin_s + (i + 1) * step_s`."""
+    center: FloatArray | None = None
+    """The model's central path before calibration: its point forecast (M4-style scoring uses it; the
+    calibrated median `paths[0.5]` also shifts it by the median of recent errors, which costs accuracy
+    when those errors were measured in sample, as a global model's are)."""
 
 
 @dataclass
@@ -211,6 +217,7 @@ class Forecaster:
         last_valid = float(self.y_[~np.isnan(self.y_)][-1]) if np.any(~np.isnan(self.y_)) else 0.0
         if hf.calib is None:
             paths, peaks = _fallback(self.y_, int(horizon_steps), qs, last_valid)
+            center = _fallback(self.y_, int(horizon_steps), (0.5,), last_valid)[0][0.5]
         else:
             center = np.mean(
                 [m.predict(self.y_, ends, int(horizon_steps), pos0=self.pos0_)[0] for m in hf.components],
@@ -226,6 +233,7 @@ class Forecaster:
             horizon_steps=int(horizon_steps),
             step_s=self.step_s,
             origin_s=origin,
+            center=center,
         )
 
     def __getstate__(self) -> dict[str, object]:
@@ -301,12 +309,15 @@ class Forecaster:
         gbm = self._gbm_candidate(n_steps, horizon)
         if gbm is not None:
             cands.append(gbm)
+        if self.model == "median":
+            parts = [m for m in cands if m.name in ("snaive_day", "snaive_week", "gbm")]
+            return [models.MedianOf(parts, "median")] if parts else []
         if self.model != "auto":
             cands = [m for m in cands if m.name == self.model]
         return cands
 
     def _gbm_candidate(self, n_steps: int, horizon: int) -> models.Model | None:
-        if self.model not in ("auto", "gbm"):
+        if self.model not in ("auto", "gbm", "median"):
             return None
         from forecast import gbm  # scikit-learn loads only when a gbm is wanted
 
