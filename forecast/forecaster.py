@@ -8,7 +8,9 @@ with `selection="path"` the lowest MAE of the central path) and calibrates its q
 conformal prediction (`forecast.calibration`). The result is cached per horizon, so the
 controller's steady state (`update` every 15-30 s, then `forecast` at the same horizon) costs one central
 path and a few array additions. Every `refit_every_s` of new data the models are refitted and the
-calibrations recomputed on the next forecast.
+calibrations recomputed, in slices of a few milliseconds, one per following `forecast` call, while the
+previous fit keeps answering (`_start_refit`): a refit never stalls the call that happens to trigger it.
+The slices are counted in calls, not timed, so a forecaster stays deterministic (the simulator relies on it).
 
 Short histories (too short for enough calibration origins) fall back to the recent maximum with a band
 widened by the recent spread, labelled `recent_max_fallback`. Candidates: naive, recent max, seasonal
