@@ -87,15 +87,16 @@ def speed_and_memory() -> str:
     end = int(np.searchsorted(s.timestamps, s.timestamps[0] + 27 * 86400))
     ts, vs = s.timestamps[end - n : end], s.values[end - n : end]
     live_t, live_v = s.timestamps[end : end + 400], s.values[end : end + 400]
-    fits, firsts = [], []
+    fits, firsts, firsts_cpu = [], [], []
     for _ in range(5):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         f = Forecaster("auto", 60.0).fit(ts, vs)
         t1 = time.perf_counter()
         f.forecast(10, quantiles=(0.5, 0.95))
         t2 = time.perf_counter()
         fits.append(t1 - t0)
         firsts.append(t2 - t0)
+        firsts_cpu.append(time.process_time() - c0)
     model = f.model_name_
     steady, steady_cpu = [], []
     for i in range(live_t.size):
@@ -135,7 +136,8 @@ def speed_and_memory() -> str:
             f"| fit, 14 days of 1-min data (20,160 points; NASA HTTP) | median {statistics.median(fits) * 1000:.1f} ms "
             f"(min {min(fits) * 1000:.1f}) | <= 0.5 s |",
             f"| fit + first forecast (runs the calibration backtest, picks `{model}`) | median "
-            f"{statistics.median(firsts):.3f} s (min {min(firsts):.3f} s) | <= 0.5 s |",
+            f"{statistics.median(firsts):.3f} s (min {min(firsts):.3f} s) wall; CPU median "
+            f"{statistics.median(firsts_cpu):.3f} s | <= 0.5 s |",
             f"| update (1 sample) + forecast, auto, {live_t.size} calls incl. {refits} hourly refits, wall | "
             f"{ms(steady_ms)} | p99 <= 20 ms |",
             f"| the same, CPU time of the process (what the call costs, without waiting for a core) | "
