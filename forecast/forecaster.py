@@ -8,7 +8,9 @@ with `selection="path"` the lowest MAE of the central path) and calibrates its q
 conformal prediction (`forecast.calibration`). The result is cached per horizon, so the
 controller's steady state (`update` every 15-30 s, then `forecast` at the same horizon) costs one central
 path and a few array additions. Every `refit_every_s` of new data the models are refitted and the
-calibrations recomputed on the next forecast.
+calibrations recomputed, in slices of a few milliseconds, one per following `forecast` call, while the
+previous fit keeps answering (`_start_refit`): a refit never stalls the call that happens to trigger it.
+The slices are counted in calls, not timed, so a forecaster stays deterministic (the simulator relies on it).
 
 Short histories (too short for enough calibration origins) fall back to the recent maximum with a band
 widened by the recent spread, labelled `recent_max_fallback`. Candidates: naive, recent max, seasonal
@@ -22,7 +24,7 @@ It does not read clocks or files or talk to anything: timestamps come in with th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Self
@@ -44,8 +46,10 @@ MODEL_NAMES = (
     "profile_day",
     "profile_week",
     "gbm",
+    "median",
 )
-"""Accepted `model` values: `auto`, or one model forced."""
+"""Accepted `model` values: `auto`, or one model forced; `median` is the per-step median of seasonal naive
+by day and by week and the gbm (`models.MedianOf`), never among `auto`'s candidates."""
 
 MIN_POINTS = 3
 """Fewer valid samples than this is too short for any model, even the fallback."""
@@ -62,6 +66,9 @@ MAX_ORIGINS = 300
 COSTLY_REFIT_S = models.DAY_S
 """The per-series gbm is refitted daily, not at every hourly refit: the cheap models and the calibration
 follow the last hour, the trees learn slow structure, and skipping their fit keeps the hourly refit cheap."""
+
+PREDICT_SLICE_ROWS = 500
+"""Rows a costly model (the gbm) predicts in one slice of a sliced recalibration: a few milliseconds."""
 
 FALLBACK_BAND = 2.0
 """The fallback's band is this many recent spreads per unit of normal quantile: deliberately wide."""
@@ -80,6 +87,10 @@ class ForecastResult:
     step_s: float
     origin_s: float
     """Unix time of the last sample; step i of a path is at `origin_s + (i + 1) * step_s`."""
+    center: FloatArray | None = None
+    """The model's central path before calibration: its point forecast (M4-style scoring uses it; the
+    calibrated median `paths[0.5]` also shifts it by the median of recent errors, which costs accuracy
+    when those errors were measured in sample, as a global model's are)."""
 
 
 @dataclass
@@ -185,7 +196,7 @@ class Forecaster:
         if n_new > n_old:
             self._trim()
         if self.steps_since_fit_ * self.step_s >= self.refit_every_s:
-            self._refit()
+            self._start_refit()
         return self
 
     def forecast(self, horizon_steps: int, quantiles: Sequence[float] = (0.95,)) -> ForecastResult:
@@ -208,6 +219,7 @@ class Forecaster:
         last_valid = float(self.y_[~np.isnan(self.y_)][-1]) if np.any(~np.isnan(self.y_)) else 0.0
         if hf.calib is None:
             paths, peaks = _fallback(self.y_, int(horizon_steps), qs, last_valid)
+            center = _fallback(self.y_, int(horizon_steps), (0.5,), last_valid)[0][0.5]
         else:
             center = np.mean(
                 [m.predict(self.y_, ends, int(horizon_steps), pos0=self.pos0_)[0] for m in hf.components],
@@ -223,17 +235,61 @@ class Forecaster:
             horizon_steps=int(horizon_steps),
             step_s=self.step_s,
             origin_s=origin,
+            center=center,
         )
+
+    def __getstate__(self) -> dict[str, object]:
+        """Pickling completes any recalibration under way (a half-run generator cannot be pickled)."""
+        state = dict(self.__dict__)
+        if state.get("pending_"):
+            for horizon, steps in list(self.pending_.items()):
+                self.horizons_[horizon] = self._finish(steps)
+            self.pending_.clear()
+        return state
 
     # -- internals used by forecast.backtest ------------------------------------------------------------------
 
     def _horizon_fit(self, horizon: int) -> _HorizonFit:
+        pending = self.pending_.get(horizon)
+        if pending is not None:
+            # One slice of the running recalibration; the previous fit serves until it completes.
+            try:
+                next(pending)
+            except StopIteration as done:
+                del self.pending_[horizon]
+                self.horizons_[horizon] = done.value
         hf = self.horizons_.get(horizon)
         if hf is None:
             hf = self._calibrate(horizon)
             self.horizons_[horizon] = hf
             self.model_name_ = hf.model
         return hf
+
+    def _start_refit(self) -> None:
+        """The refit `update` asks for, spread over the next forecasts instead of stalling one of them.
+
+        Each horizon already served keeps its fit (its models predict from the newest samples, only the
+        calibration and the cheap models' seasonal state are an hour older) while its recalibration runs
+        a slice per `forecast` call; a dozen or so calls complete it, well before the next refit is due.
+        A recalibration still running when the next refit comes due is finished at once first, so the
+        fit served is never more than two refit periods old however updates are batched.
+        """
+        for horizon, steps in list(self.pending_.items()):
+            self.horizons_[horizon] = self._finish(steps)
+        served = self.horizons_
+        self._refit()
+        for horizon, hf in served.items():
+            self.horizons_[horizon] = hf
+            self.pending_[horizon] = self._calibration_steps(horizon)
+
+    @staticmethod
+    def _finish(steps: Generator[None, None, _HorizonFit]) -> _HorizonFit:
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                result: _HorizonFit = done.value
+                return result
 
     def _refit(self) -> None:
         y = self.y_
@@ -245,6 +301,8 @@ class Forecaster:
                 f"series too short for any model: {n_valid} valid samples, need at least {MIN_POINTS}"
             )
         self.horizons_: dict[int, _HorizonFit] = {}
+        self.pending_: dict[int, Generator[None, None, _HorizonFit]] = {}
+        """Recalibrations under way, advanced one slice per `forecast` (see `_start_refit`)."""
         self.steps_since_fit_ = 0
         self.model_name_ = "recent_max_fallback"
 
@@ -253,12 +311,15 @@ class Forecaster:
         gbm = self._gbm_candidate(n_steps, horizon)
         if gbm is not None:
             cands.append(gbm)
+        if self.model == "median":
+            parts = [m for m in cands if m.name in ("snaive_day", "snaive_week", "gbm")]
+            return [models.MedianOf(parts, "median")] if parts else []
         if self.model != "auto":
             cands = [m for m in cands if m.name == self.model]
         return cands
 
     def _gbm_candidate(self, n_steps: int, horizon: int) -> models.Model | None:
-        if self.model not in ("auto", "gbm"):
+        if self.model not in ("auto", "gbm", "median"):
             return None
         from forecast import gbm  # scikit-learn loads only when a gbm is wanted
 
@@ -271,7 +332,17 @@ class Forecaster:
         )
 
     def _calibrate(self, horizon: int) -> _HorizonFit:
-        y, pos0 = self.y_, self.pos0_
+        """The whole calibration at once (first forecast at a horizon, `fit`, the backtest)."""
+        return self._finish(self._calibration_steps(horizon))
+
+    def _calibration_steps(self, horizon: int) -> Generator[None, None, _HorizonFit]:
+        """The calibration as slices of work: each `yield` ends one slice of a few milliseconds.
+
+        It reads a snapshot of the history taken when it starts, so later updates (and late corrections
+        written in place) cannot change the data under a half-done calibration; models index absolute
+        positions, so the fit it returns predicts on whatever history the forecaster holds by then.
+        """
+        y, pos0 = self.y_.copy(), self.pos0_
         n = y.size
         desired = max(round(self.calibration_s / self.step_s), 3 * horizon + calibration.MIN_ORIGINS)
         least = horizon + 4 * calibration.MIN_ORIGINS
@@ -304,12 +375,22 @@ class Forecaster:
                 m = cached[0]  # fitted on older data only: no leak into this calibration
             else:
                 try:
-                    m.fit(head, pos0=pos0)
+                    yield from m.fit_steps(head, pos0=pos0)
                 except InsufficientHistory:
                     continue
                 if m.costly_fit:
                     self.costly_fits_[(horizon, m.name)] = (m, head_end_s)
-            centers[m.name] = m.predict(y, ends, horizon, pos0=pos0)
+            if m.costly_fit:
+                # A costly model predicts slowly too: a few hundred rows per slice.
+                chunk = max(1, PREDICT_SLICE_ROWS // horizon)
+                parts = []
+                for i in range(0, ends.size, chunk):
+                    parts.append(m.predict(y, ends[i : i + chunk], horizon, pos0=pos0))
+                    yield
+                centers[m.name] = np.concatenate(parts)
+            else:
+                centers[m.name] = m.predict(y, ends, horizon, pos0=pos0)
+                yield
             fitted[m.name] = m
         if not centers:
             return _HorizonFit("recent_max_fallback", [], None, {})
@@ -331,9 +412,11 @@ class Forecaster:
         comps = [fitted[c] for c in choice]
         # Refit the chosen models on the whole history for live forecasts (the profile sees the last days);
         # the gradient-boosted model keeps its calibration-time fit, which is the costly one.
+        yield
         for m in comps:
             if not m.costly_fit:
                 m.fit(y, pos0=pos0)
+                yield
         return _HorizonFit(name, comps, calib, scores)
 
     def _selection_loss(self, centers: FloatArray, actuals: FloatArray) -> float:

@@ -86,9 +86,11 @@ class PrometheusServer:
                 out.append(json.loads(line)["params"])
         return out
 
-    def query(self, promql: str) -> list[dict[str, Any]]:
-        """An instant query through the HTTP API (for test assertions), the `result` list."""
-        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    def query(self, promql: str, *, at_s: float | None = None) -> list[dict[str, Any]]:
+        """An instant query through the HTTP API (for test assertions), the `result` list; at `at_s`
+        (unix seconds) when given, else now."""
+        params = {"query": promql} if at_s is None else {"query": promql, "time": f"{at_s:.3f}"}
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode(params)
         with urllib.request.urlopen(url, timeout=10) as resp:
             body: dict[str, Any] = json.load(resp)
         result: list[dict[str, Any]] = body["data"]["result"]

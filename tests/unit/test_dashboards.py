@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dashboards import generate
+from dashboards import engine, generate, panels
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,9 +21,9 @@ def _load(name: str) -> dict[str, Any]:
 
 
 def test_checked_in_json_is_what_the_generator_writes(tmp_path: Path) -> None:
-    """Regenerate into a temporary directory and diff: edit dashboards/generate.py, never the JSON."""
+    """Regenerate into a temporary directory and diff: edit dashboards/panels.py, never the JSON."""
     written = generate.generate(tmp_path)
-    assert {p.name for p in written} == {d.filename for d in generate.DASHBOARDS}
+    assert {p.name for p in written} == {d.filename for d in panels.DASHBOARDS}
     for path in written:
         checked_in = generate.OUT_DIR / path.name
         assert checked_in.exists(), f"{path.name} is not checked in: run `python -m dashboards.generate`"
@@ -37,15 +37,15 @@ def test_checked_in_json_is_what_the_generator_writes(tmp_path: Path) -> None:
 def test_check_mode_reports_a_stale_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert generate.main(["--out-dir", str(tmp_path)]) == 0
     assert generate.main(["--check", "--out-dir", str(tmp_path)]) == 0
-    victim = tmp_path / generate.BALANCER.filename
+    victim = tmp_path / panels.BALANCER.filename
     victim.write_text(victim.read_text().replace("Active streams per backend", "Active streams"))
     assert generate.main(["--check", "--out-dir", str(tmp_path)]) == 1
-    assert generate.BALANCER.filename in capsys.readouterr().err
+    assert panels.BALANCER.filename in capsys.readouterr().err
 
 
 def test_generation_is_deterministic() -> None:
-    for spec in generate.DASHBOARDS:
-        assert generate.render(spec) == generate.render(spec)
+    for spec in panels.DASHBOARDS:
+        assert engine.render(spec) == engine.render(spec)
 
 
 _METRIC = re.compile(r"\b(forestall_[a-z_]+)")
@@ -56,7 +56,7 @@ def _metric_names(expr: str) -> set[str]:
     names = set()
     for name in _METRIC.findall(expr):
         for suffix in _HISTOGRAM_SUFFIXES:
-            if name.endswith(suffix) and name.removesuffix(suffix) in generate.METRICS:
+            if name.endswith(suffix) and name.removesuffix(suffix) in panels.METRICS:
                 name = name.removesuffix(suffix)
         names.add(name)
     return names
@@ -69,11 +69,9 @@ def test_queries_use_only_contract_metrics_and_all_of_them() -> None:
     for dashboard, panel, expr in queries:
         names = _metric_names(expr)
         assert names, f"{dashboard} / {panel}: no forestall metric in {expr!r}"
-        assert names <= set(generate.METRICS), (
-            f"{dashboard} / {panel}: unknown {names - set(generate.METRICS)}"
-        )
+        assert names <= set(panels.METRICS), f"{dashboard} / {panel}: unknown {names - set(panels.METRICS)}"
         used |= names
-    unused = set(generate.METRICS) - used
+    unused = set(panels.METRICS) - used
     assert not unused, f"contract metrics no panel shows: {sorted(unused)}"
 
 
@@ -89,13 +87,13 @@ def test_balancer_metric_names_match_the_balancer_exporter() -> None:
     ):
         exported.add("forestall_balancer_" + name + ("_total" if kind == "CounterMetricFamily" else ""))
     assert exported, "found no metric families in balancer/metrics.py (did its style change?)"
-    assert exported == set(generate.BALANCER_METRICS)
+    assert exported == set(panels.BALANCER_METRICS)
 
 
 def test_policy_scoped_panels_filter_by_the_template_variables() -> None:
     """Per-policy dashboards: every controller query with policy labels honours $namespace and $policy."""
     unlabelled = {"forestall_controller_reconcile_duration_seconds"}  # a histogram without labels (contract)
-    for spec in (generate.FORECAST, generate.DECISIONS):
+    for spec in (panels.FORECAST, panels.DECISIONS):
         data = _load(spec.filename)
         variables = {v["name"] for v in data["templating"]["list"]}
         assert {"datasource", "namespace", "policy"} <= variables
@@ -108,7 +106,7 @@ def test_policy_scoped_panels_filter_by_the_template_variables() -> None:
 
 
 def test_panels_are_well_formed() -> None:
-    for spec in generate.DASHBOARDS:
+    for spec in panels.DASHBOARDS:
         data = _load(spec.filename)
         assert data["uid"] == spec.uid
         ids = [p["id"] for p in data["panels"]]
@@ -169,7 +167,7 @@ def _controller_exports() -> dict[str, set[str]]:
 def test_controller_metric_names_and_labels_match_the_controller() -> None:
     """Names and label sets come from controller/metrics.py itself, so a rename breaks this test, not a dashboard."""
     exported = _controller_exports()
-    assert set(exported) == set(generate.CONTROLLER_METRICS)
+    assert set(exported) == set(panels.CONTROLLER_METRICS)
     grouping = re.compile(r"\b(?:by|on|without|ignoring)\s*\(([^)]*)\)")
     matcher = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"")
     for dashboard, panel, expr in generate.queries():

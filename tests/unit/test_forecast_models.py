@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from forecast import Forecaster, models
+from forecast import Forecaster, errors, models
 
 STEP = 60.0
 DAY = 1440
@@ -151,3 +151,57 @@ def test_global_gbm_fitted_on_many_series_forecasts_an_unseen_one() -> None:
     truth = 1000.0 * (1.5 + np.sin(2 * np.pi * np.arange(y.size, y.size + 24) / 24))
     assert f.model_name_ == "gbm"
     assert np.max(np.abs(r.paths[0.5] - truth)) < 0.15 * truth.max()
+
+
+@pytest.mark.parametrize("loss", ["quantile", "squared_error"])
+def test_forest_predicts_what_scikit_learn_predicts_nan_included(loss: str) -> None:
+    """`gbm.Forest` walks scikit-learn's fitted trees itself for the live forecast's few rows; it must
+    agree with `predict`, missing values (routed by each split's learned side) included."""
+    from sklearn.ensemble import HistGradientBoostingRegressor
+
+    from forecast import gbm
+
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3000, 6))
+    x[rng.random(x.shape) < 0.1] = np.nan
+    y = np.nan_to_num(x[:, 0]) * 2 + np.sin(np.nan_to_num(x[:, 1])) + rng.normal(scale=0.1, size=3000)
+    kw = {"quantile": 0.5} if loss == "quantile" else {}
+    reg = HistGradientBoostingRegressor(loss=loss, max_iter=40, max_leaf_nodes=15, random_state=0, **kw)
+    reg.fit(x, y)
+    test = rng.normal(size=(200, 6))
+    test[rng.random(test.shape) < 0.2] = np.nan
+    np.testing.assert_allclose(gbm.Forest(reg).predict(test), reg.predict(test), rtol=1e-9, atol=1e-9)
+
+
+def test_median_of_is_the_per_step_median_and_skips_components_without_history() -> None:
+    y = seasonal(3) + np.linspace(0, 30, 3 * DAY)
+    parts: list[models.Model] = [models.SeasonalNaive(DAY, "snaive_day"), models.Naive(), models.RecentMax()]
+    week = models.SeasonalNaive(7 * DAY, "snaive_week")  # needs a week: left out on three days
+    m = models.MedianOf([*parts, week], "median").fit(y, pos0=POS0)
+    e = ends(2 * DAY, 3 * DAY)
+    want = np.median([p.fit(y, pos0=POS0).predict(y, e, 30, pos0=POS0) for p in parts], axis=0)
+    np.testing.assert_array_equal(m.predict(y, e, 30, pos0=POS0), want)
+    with pytest.raises(errors.InsufficientHistory):
+        models.MedianOf([week], "median").fit(y, pos0=POS0)
+
+
+def test_forced_median_model_and_the_uncalibrated_center() -> None:
+    """`center` is the model's own path; `paths[0.5]` adds the calibrated median error to it."""
+    y = hourly(20, level=50.0, seed=5)
+    t = np.arange(y.size) * 3600.0
+    r = Forecaster("median", 3600.0, season_steps=(24, 168)).fit(t, y).forecast(24, quantiles=(0.5,))
+    assert r.model == "median" and r.center is not None and np.all(np.isfinite(r.center))
+    s = Forecaster("snaive_day", 3600.0).fit(t, y).forecast(24, quantiles=(0.5,))
+    assert s.center is not None
+    np.testing.assert_array_equal(s.center, y[-24:])
+    assert not np.array_equal(s.paths[0.5], s.center)
+
+
+def test_global_gbm_reads_more_past_periods_than_the_per_series_one() -> None:
+    from forecast import gbm
+
+    train = [hourly(30, level=lv, seed=i) for i, lv in enumerate((5.0, 20.0, 80.0))]
+    deep = gbm.GlobalGBM(3600.0, (24,), horizon=24).fit(train, rows_per_series=300)
+    shallow = gbm.GlobalGBM(3600.0, (24,), horizon=24, periods_back=2).fit(train, rows_per_series=300)
+    # Seven same-hour values and their median, against two: six more feature columns.
+    assert deep.regressor_.n_features_in_ - shallow.regressor_.n_features_in_ == 6  # type: ignore[attr-defined]
