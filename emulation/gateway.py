@@ -44,6 +44,8 @@ from emulation import local, worker
 
 DESTINATION = "x-gateway-destination-endpoint"
 SERVED = "x-gateway-destination-endpoint-served"
+SUBSET = "x-gateway-destination-endpoint-subset"
+SUBSET_NAMESPACE = "envoy.lb.subset_hint"
 LIMIT = 1_000_000
 """Circuit-breaker thresholds: effectively none; the picker's admission queue is what limits streams."""
 MESSAGE_TIMEOUT_S = 15.0
@@ -139,9 +141,20 @@ def ext_proc_filter(*, failure_mode_allow: bool, cluster: str = "picker") -> dic
                 "response_trailer_mode": "SEND",
             },
             "metadata_options": {
-                "forwarding_namespaces": {"untyped": ["envoy.lb"]},
+                "forwarding_namespaces": {"untyped": ["envoy.lb", SUBSET_NAMESPACE]},
                 "receiving_namespaces": {"untyped": ["envoy.lb"]},
             },
+        },
+    }
+
+
+def subset_filter(addresses: Sequence[str]) -> dict[str, Any]:
+    """Sets the protocol's subset hint (`envoy.lb.subset_hint` / `x-gateway-destination-endpoint-subset`)."""
+    return {
+        "name": "envoy.filters.http.set_metadata",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config",
+            "metadata": [{"metadata_namespace": SUBSET_NAMESPACE, "value": {SUBSET: list(addresses)}}],
         },
     }
 
@@ -164,10 +177,13 @@ def bootstrap(
     picker: str | None,
     failure_mode_allow: bool = True,
     retries: int = 2,
+    subset: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """An Envoy bootstrap on 127.0.0.1: `pool` the backend addresses, `picker` the ext_proc `host:port`.
 
-    With `picker=None` it is Envoy alone: the same listener and cluster, `LEAST_REQUEST`, no ext_proc.
+    With `picker=None` it is Envoy alone: the same listener and cluster, `LEAST_REQUEST`, no ext_proc. `subset`
+    sets the protocol's subset hint on every request (a `set_metadata` filter, as a gateway that knows which
+    endpoints it may use would).
     """
     filters: list[dict[str, Any]] = []
     clusters: list[dict[str, Any]] = []
@@ -178,7 +194,10 @@ def bootstrap(
         "load_assignment": {"cluster_name": "pool", "endpoints": [{"lb_endpoints": _endpoints(pool)}]},
     }
     if picker is not None:
-        filters += [STRIP_DESTINATION, ext_proc_filter(failure_mode_allow=failure_mode_allow)]
+        filters.append(STRIP_DESTINATION)
+        if subset is not None:
+            filters.append(subset_filter(subset))
+        filters.append(ext_proc_filter(failure_mode_allow=failure_mode_allow))
         pool_cluster["load_balancing_policy"] = override_host_policy()
         clusters.append(
             {
@@ -269,14 +288,14 @@ def start_envoy(
     """Run Envoy (one worker thread, as every proxy in the benchmarks) on `config`; logs to workdir/envoy.log."""
     path = workdir / "envoy.json"
     path.write_text(json.dumps(config))
-    log = (workdir / "envoy.log").open("wb")
-    return subprocess.Popen(
-        [envoy_binary(), "-c", str(path), "--concurrency", "1", "-l", log_level, "--use-dynamic-base-id"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group, so stopping it never signals ours
-    )
+    with (workdir / "envoy.log").open("wb") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [envoy_binary(), "-c", str(path), "--concurrency", "1", "-l", log_level, "--use-dynamic-base-id"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group, so stopping it never signals ours
+        )
 
 
 async def run(*, port: int, workers: int, slots: int) -> None:
