@@ -112,12 +112,16 @@ async def test_legacy_mcp_sessions_stick_through_the_gateway_and_unknown_ones_ge
     ):
         homes: list[set[str]] = []
         async with contextlib.AsyncExitStack() as stack:
-            clients = [await stack.enter_async_context(Client(f"{gw.url}/mcp", mode="legacy")) for _ in range(6)]
+            clients = [
+                await stack.enter_async_context(Client(f"{gw.url}/mcp", mode="legacy")) for _ in range(6)
+            ]
             assert len(gw.bal.sessions) == 6  # each initialize was recognised in its body and bound
             for client in clients:
                 homes.append({await _whoami(client) for _ in range(4)})
             assert all(len(h) == 1 for h in homes)  # sticky
-            assert max(Counter(next(iter(h)) for h in homes).values()) <= 3  # ceil(1.25 * 6 / 3) under the bound
+            assert (
+                max(Counter(next(iter(h)) for h in homes).values()) <= 3
+            )  # ceil(1.25 * 6 / 3) under the bound
         assert len(gw.bal.sessions) == 0  # DELETE ended each one
         body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list"}
         async with http.post(f"{gw.url}/mcp", json=body, headers={"Mcp-Session-Id": "never-issued"}) as resp:
@@ -143,7 +147,9 @@ async def test_stateless_mcp_requests_route_by_method_and_name_and_tool_errors_c
             assert len(gw.bal.sessions) == 0
             tool_backends = [gw.bal.pool.backends[a] for a in addrs[:2]]
             assert sum(b.completed for b in tool_backends) == 7
-            assert sum(b.failed.get("jsonrpc_error", 0) for b in tool_backends) == 1  # seen in the buffered body
+            assert (
+                sum(b.failed.get("jsonrpc_error", 0) for b in tool_backends) == 1
+            )  # seen in the buffered body
             await wait_until(lambda: gw.active() == 0, what="no lease left")
 
 
