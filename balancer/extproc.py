@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Iterable
@@ -97,6 +98,9 @@ FALLBACKS: Final = 2
 INITIALIZE: Final = b'"method":"initialize"'
 INITIALIZE_SCAN_BYTES: Final = 4096
 """A legacy MCP `initialize` names itself in the first bytes of a compact JSON-RPC body (as proxy.py scans)."""
+
+ROUTE_CACHE_MAX: Final = 4096
+"""Cached pick answers (one per ordered endpoint list seen); cleared when it grows past this (pool churn)."""
 
 RETRY_AFTER_S: Final = 5
 """Retry-After on 503, as the proxy answers."""
@@ -186,14 +190,17 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     def __init__(self, bal: Balancer, *, fallbacks: int = FALLBACKS) -> None:
         self.bal = bal
         self.fallbacks = fallbacks
+        self._routes: dict[tuple[str, tuple[str, ...]], pb.ProcessingResponse] = {}
+        """Answers naming the same endpoints are the same message: built once, reused (a few per backend)."""
 
     async def Process(  # the gRPC method name
         self, requests: AsyncIterator[pb.ProcessingRequest], context: Any
-    ) -> AsyncIterator[pb.ProcessingResponse]:
+    ) -> None:
         """Answer each message of one request's stream; release its lease when the stream ends, however."""
         ex = _Exchange()
+        read, write, eof = context.read, context.write, grpc.aio.EOF
         try:
-            async for req in requests:
+            while (req := await read()) is not eof:
                 kind = req.WhichOneof("request")
                 if kind == "request_headers":
                     answer = await self._request_headers(ex, req)
@@ -207,7 +214,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
                     answer = _CONTINUE_RESPONSE_TRAILERS
                 else:
                     answer = _CONTINUE_REQUEST_TRAILERS
-                yield answer
+                await write(answer)
                 if answer.HasField("immediate_response"):
                     return
         finally:
@@ -215,7 +222,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
     async def _request_headers(self, ex: _Exchange, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         bal = self.bal
-        headers = _headers(req.request_headers.headers.headers, self._wanted())
+        headers = _headers(req.request_headers.headers.headers, self._wanted)
         ex.request_method = headers.get(":method", "")
         allowed = _subset(req.metadata_context)
         session_id = headers.get(SESSION_HEADER)
@@ -232,7 +239,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             ex.lease = bal.pool.lease(pinned)
             ex.tried = [pinned]
             ex.start_s = bal.clock.monotonic()
-            return _routed(ex.tried, phase="request_headers")
+            return self._routed(ex.tried, phase="request_headers")
         method = headers.get(METHOD_HEADER)
         name = headers.get(NAME_HEADER)
         affinity = f"{method}\n{name}" if method is not None and name is not None else self._affinity(headers)
@@ -285,7 +292,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             tried.append(fallback)
             skip.add(fallback.address)
         ex.tried = tried
-        return _routed(tried, phase=phase)
+        return self._routed(tried, phase=phase)
 
     def _response_headers(self, ex: _Exchange, req: pb.ProcessingRequest) -> pb.ProcessingResponse:
         bal = self.bal
@@ -367,12 +374,22 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         else:
             self.bal.outliers.success(backend)
 
+    @functools.cached_property
     def _wanted(self) -> frozenset[str]:
         header = self.bal.config.affinity_header
         extra = {header.lower()} if header else set()
         if self.bal.config.affinity_cookie:
             extra.add("cookie")
-        return _WANTED | extra if extra else _WANTED
+        return _WANTED | extra
+
+    def _routed(self, backends: list[Backend], *, phase: str) -> pb.ProcessingResponse:
+        key = (phase, tuple(b.address for b in backends))
+        answer = self._routes.get(key)
+        if answer is None:
+            if len(self._routes) > ROUTE_CACHE_MAX:
+                self._routes.clear()
+            answer = self._routes[key] = _routed(key[1], phase=phase)
+        return answer
 
     def _affinity(self, headers: dict[str, str]) -> str | None:
         config = self.bal.config
@@ -429,9 +446,9 @@ def _subset(metadata: base_pb2.Metadata) -> frozenset[str] | None:
     return frozenset(part.strip() for item in items for part in item.split(",") if part.strip())
 
 
-def _routed(backends: list[Backend], *, phase: str) -> pb.ProcessingResponse:
+def _routed(addresses: tuple[str, ...], *, phase: str) -> pb.ProcessingResponse:
     """The pick as the protocol wants it: the header and the `envoy.lb` metadata, the same value in both."""
-    value = ",".join(b.address for b in backends)
+    value = ",".join(addresses)
     common = pb.CommonResponse(
         clear_route_cache=True,
         header_mutation=pb.HeaderMutation(

@@ -116,6 +116,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"forestall picker: invalid configuration: {exc}", file=sys.stderr)
         return 2
     try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
         asyncio.run(_main(config, grace_s=args.shutdown_grace_s, fallbacks=args.fallbacks))
     except ConfigError as exc:
         print(f"forestall picker: {exc}", file=sys.stderr)
