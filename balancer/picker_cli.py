@@ -105,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    try:
+        import grpc  # noqa: F401  (only to say what is missing before anything starts)
+    except ImportError:
+        print("forestall picker needs the gateway extra: pip install 'forestall[gateway]'", file=sys.stderr)
+        return 2
     if args.fallbacks < 0:
         print(f"forestall picker: --fallbacks must be >= 0, got {args.fallbacks}", file=sys.stderr)
         return 2

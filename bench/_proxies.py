@@ -374,9 +374,10 @@ class Envoy(Proxy):
     cover both processes: Envoy's CPU plus the picker's.
     """
 
-    def __init__(self, backends: Sequence[Backend], *, picker: bool) -> None:
+    def __init__(self, backends: Sequence[Backend], *, picker: bool, extra_args: Sequence[str] = ()) -> None:
         super().__init__(backends)
         self.picker = picker
+        self.extra_args = list(extra_args)
         self.label = "envoy + forestall picker" if picker else "envoy least_request"
         self.picker_proc: subprocess.Popen[Any] | None = None
         self.admin_port = 0
@@ -403,6 +404,7 @@ class Envoy(Proxy):
                     str(self.dir / "backends.json"),
                     "--log-level",
                     "WARNING",
+                    *self.extra_args,
                 ],
                 cwd=ROOT,
                 stdout=log,
@@ -471,6 +473,9 @@ _MAKERS: dict[str, Callable[[list[Backend]], Proxy]] = {
     "forestall": Forestall,
     "envoy least_request": lambda b: Envoy(b, picker=False),
     "envoy + forestall picker": lambda b: Envoy(b, picker=True),
+    "envoy + forestall picker (scrape-metrics)": lambda b: Envoy(
+        b, picker=True, extra_args=["--scrape-metrics", "--set", "scrape_interval_s=1"]
+    ),
     "forestall (max_streams = slots)": lambda b: Forestall(b, max_streams=True),
     REFERENCE_RELAYS[0]: lambda b: ReferenceRelay(b, aiohttp=False),
     REFERENCE_RELAYS[1]: lambda b: ReferenceRelay(b, aiohttp=True),
