@@ -374,11 +374,21 @@ class Envoy(Proxy):
     cover both processes: Envoy's CPU plus the picker's.
     """
 
-    def __init__(self, backends: Sequence[Backend], *, picker: bool, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, backends: Sequence[Backend], *, picker: bool, extra_args: Sequence[str] = (), null: bool = False
+    ) -> None:
         super().__init__(backends)
         self.picker = picker
         self.extra_args = list(extra_args)
-        self.label = "envoy + forestall picker" if picker else "envoy least_request"
+        self.null = null
+        """Ask `bench._null_extproc` (a do-nothing Python ext_proc server) instead of the picker."""
+        self.label = (
+            "envoy + null ext_proc (reference)"
+            if null
+            else "envoy + forestall picker"
+            if picker
+            else "envoy least_request"
+        )
         self.picker_proc: subprocess.Popen[Any] | None = None
         self.admin_port = 0
 
@@ -392,8 +402,17 @@ class Envoy(Proxy):
             backends = [{"address": b.address, "weight": b.spec.weight} for b in self.backends]
             (self.dir / "backends.json").write_text(json.dumps({"backends": backends}))
             log = (self.dir / "picker.log").open("w")
+            null = [
+                PYTHON,
+                "-m",
+                "bench._null_extproc",
+                str(picker_port),
+                *(b.address for b in self.backends),
+            ]
             self.picker_proc = subprocess.Popen(
-                [
+                null
+                if self.null
+                else [
                     *FORESTALL,
                     "picker",
                     "--listen",
@@ -473,6 +492,7 @@ _MAKERS: dict[str, Callable[[list[Backend]], Proxy]] = {
     "forestall": Forestall,
     "envoy least_request": lambda b: Envoy(b, picker=False),
     "envoy + forestall picker": lambda b: Envoy(b, picker=True),
+    "envoy + null ext_proc (reference)": lambda b: Envoy(b, picker=True, null=True),
     "envoy + forestall picker (scrape-metrics)": lambda b: Envoy(
         b, picker=True, extra_args=["--scrape-metrics", "--set", "scrape_interval_s=1"]
     ),

@@ -33,6 +33,7 @@ RELAY_PROXIES = (
     "direct",
     "envoy least_request",
     "envoy + forestall picker",
+    "envoy + null ext_proc (reference)",
     "nginx least_conn",
     "haproxy leastconn",
     "forestall",
@@ -48,6 +49,8 @@ QUALITY_PROXIES = (
 """`(scrape-metrics)`: the picker as the gateway overlay runs it, reading each backend's own queue
 (`vllm:num_requests_waiting`) from its /metrics every second: learned, not told."""
 ENVOY, PICKER = "envoy least_request", "envoy + forestall picker"
+"""`envoy + null ext_proc (reference)` is Envoy asking a do-nothing Python grpc.aio ext_proc server
+(bench/_null_extproc.py): the floor of a Python picker, to tell gRPC's cost from the picking's."""
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
