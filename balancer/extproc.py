@@ -227,7 +227,12 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         allowed = _subset(req.metadata_context)
         session_id = headers.get(SESSION_HEADER)
         accept = headers.get("accept", "")
-        ex.mcp = session_id is not None or METHOD_HEADER in headers or "text/event-stream" in accept
+        # MCP Streamable HTTP clients must accept both; an SSE-only Accept is an ordinary token stream.
+        ex.mcp = (
+            session_id is not None
+            or METHOD_HEADER in headers
+            or ("text/event-stream" in accept and "application/json" in accept)
+        )
         if session_id is not None:
             ex.session_id = session_id
             pinned = bal.sessions.lookup(session_id)
@@ -247,8 +252,7 @@ class Picker(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
         if (
             method is None
             and ex.request_method == "POST"
-            and "text/event-stream" in accept
-            and "json" in accept
+            and ex.mcp
             and not req.request_headers.end_of_stream
         ):
             ex.route = route
