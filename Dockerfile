@@ -1,5 +1,5 @@
 # The Forestall image: one image, one entry point (`forestall`), a subcommand per component:
-#   forestall controller ...   forestall balancer ...
+#   forestall controller ...   forestall balancer ...   forestall picker ...
 # Build: docker build -t ghcr.io/forestall-dev/forestall:0.1.0 .
 # Runs as a non-root user with a read-only root filesystem (the manifests mount /tmp for caches).
 
@@ -16,7 +16,7 @@ COPY forestall/ forestall/
 COPY manifests/crd/ manifests/crd/
 RUN python -m venv /opt/forestall \
     && /opt/forestall/bin/pip install --no-cache-dir --upgrade pip \
-    && /opt/forestall/bin/pip install --no-cache-dir ".[fast]"
+    && /opt/forestall/bin/pip install --no-cache-dir ".[fast,gateway]"
 
 FROM python:3.11-slim
 # A fixed numeric UID/GID so `runAsNonRoot` can be verified by the kubelet without a passwd lookup;

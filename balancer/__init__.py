@@ -20,4 +20,7 @@ Modules, from the bottom up:
     reporting.py    hotspots and the /signals document (schema in signals.py); metrics.py Prometheus
     app.py          the proxy and admin aiohttp apps, background tasks, listeners (TLS)
     cli.py          `forestall balancer`
+    inferencepools.py  discovery from a GIE InferencePool and its pods
+    extproc.py      the gateway endpoint picker: GIE Endpoint Picker Protocol over Envoy ext_proc (gRPC)
+    picker.py       the picker's wiring (ext_proc server + the admin app); picker_cli.py `forestall picker`
 """

@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from balancer import config as config_mod
-from balancer import discovery, endpointslices, metrics, proxy, reporting, scraping
+from balancer import discovery, endpointslices, inferencepools, metrics, proxy, reporting, scraping
 from balancer.errors import ConfigError
 from balancer.runtime import Balancer
 from contract import clock as clock_mod
@@ -193,6 +193,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     for service in bal.config.kube_services:
         watcher = endpointslices.EndpointSliceWatch(bal, service)
         jobs.append((f"endpointslices {service}", watcher.run))
+    for pool in bal.config.kube_inference_pools:
+        jobs.append((f"inferencepool {pool}", inferencepools.InferencePoolWatch(bal, pool).run))
     if bal.config.scrape_metrics:
         jobs.append(("scrape", scraping.Scraper(bal).run))
     tasks = [asyncio.create_task(_guard(name, job, bal), name=name) for name, job in jobs]

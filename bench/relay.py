@@ -47,7 +47,7 @@ def measure(proxy: _proxies.Proxy, args: argparse.Namespace, concurrency: int) -
     marks: dict[str, tuple[float, float]] = {}
 
     def on_event(message: dict[str, Any]) -> None:
-        cpu = _proxies.cpu_seconds(proxy.pid) if proxy.pid is not None else 0.0
+        cpu = proxy.cpu_seconds() if proxy.pid is not None else 0.0
         marks[message["event"]] = (cpu, time.monotonic())
 
     result = _proxies.run_loadgen(

@@ -23,6 +23,7 @@ OPTIONAL_COMMAND_MODULES = (
     "emulation.simulate_cli",
     "emulation.demo_cli",
     "balancer.cli",
+    "balancer.picker_cli",
     "forecast.cli",
 )
 """Subcommands of components that register themselves when their module exists."""

@@ -35,6 +35,7 @@ import yaml
 from controller import policy
 from forestall import cli
 from tests.fakes import crd_schema
+from tests.fakes.kube_api import schemas
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
@@ -44,9 +45,10 @@ KUSTOMIZATIONS = {
     "karpenter": MANIFESTS / "overlays" / "karpenter",
     "cluster-autoscaler": MANIFESTS / "overlays" / "cluster-autoscaler",
     "dry-run": MANIFESTS / "overlays" / "dry-run",
+    "gateway": MANIFESTS / "overlays" / "gateway",
     "monitoring": MANIFESTS / "examples" / "monitoring",
 }
-INSTALLS = ("base", "karpenter", "cluster-autoscaler", "dry-run")
+INSTALLS = ("base", "karpenter", "cluster-autoscaler", "dry-run", "gateway")
 """The kustomizations that install Forestall itself (examples go on top of one of them)."""
 EXAMPLE_FILES = sorted((MANIFESTS / "examples").glob("*.yaml"))
 """Applied with `kubectl apply -f` (plain files, so `forestall validate manifests/examples/*.yaml` works)."""
@@ -476,7 +478,30 @@ def _check_service_monitor(obj: Obj, objs: list[Obj]) -> list[str]:
     return out
 
 
+def _check_inference_pool(obj: Obj, objs: list[Obj]) -> list[str]:
+    """Valid against GIE's released CRD; its selector picks a pod template; the picker it names exists."""
+    problems = crd_schema.validate(schemas.inferencepool_schema(), obj)
+    namespace = obj["metadata"]["namespace"]
+    if not _pod_templates_selected(objs, namespace, obj["spec"]["selector"]["matchLabels"]):
+        problems.append("its selector matches no pod template")
+    ref = obj["spec"]["endpointPickerRef"]
+    service = next(
+        (
+            o
+            for o in objs
+            if o["kind"] == "Service"
+            and o["metadata"]["name"] == ref["name"]
+            and o["metadata"].get("namespace") == namespace
+        ),
+        None,
+    )
+    if service is None or ref["port"]["number"] not in [p["port"] for p in service["spec"]["ports"]]:
+        problems.append(f"endpointPickerRef {ref} names no Service port in {namespace}")
+    return problems
+
+
 THIRD_PARTY_CHECKS = {
+    ("inference.networking.k8s.io/v1", "InferencePool"): _check_inference_pool,
     ("karpenter.sh/v1", "NodePool"): _check_nodepool,
     ("autoscaling.x-k8s.io/v1beta1", "CapacityBuffer"): _check_capacity_buffer,
     ("autoscaling.x-k8s.io/v1", "ProvisioningRequest"): _check_provisioning_request,
@@ -487,7 +512,7 @@ THIRD_PARTY_CHECKS = {
 
 def test_third_party_objects_are_structurally_sound(rendered: dict[str, list[Obj]]) -> None:
     """Every object that is neither built in nor ours has a known apiVersion/kind and passes its check."""
-    install = rendered["base"] + rendered["examples"]
+    install = rendered["base"] + rendered["examples"] + rendered["gateway"]
     seen = set()
     problems = []
     for where, obj in _all_objects(rendered):
@@ -509,7 +534,14 @@ def test_third_party_objects_are_structurally_sound(rendered: dict[str, list[Obj
             ]
         problems += [f"{where}: {p}" for p in check(obj, context)]
     assert not problems, "\n".join(problems)
-    assert seen == {"NodePool", "CapacityBuffer", "ProvisioningRequest", "PodMonitor", "ServiceMonitor"}
+    assert seen == {
+        "NodePool",
+        "CapacityBuffer",
+        "ProvisioningRequest",
+        "PodMonitor",
+        "ServiceMonitor",
+        "InferencePool",
+    }
 
 
 def test_controller_scrape_keeps_the_policy_namespace_label(rendered: dict[str, list[Obj]]) -> None:
@@ -1040,3 +1072,65 @@ def test_every_typed_client_call_in_the_controller_is_granted(rendered: dict[str
     typed = {resource for _, resource in _TYPED_RESOURCES.values()}
     unused = {g for g in granted - needed.keys() if g[1].split("/")[0] in typed}
     assert not unused, f"granted but never called: {sorted(unused)}"
+
+
+# ------------------------------------------------------------------------------- the gateway overlay
+
+
+def test_gateway_envoy_configmap_is_the_generated_bootstrap_and_envoy_accepts_it(tmp_path: Path) -> None:
+    """The checked-in ConfigMap is `emulation.gateway.cluster_configmap()`, and Envoy 1.40 validates it."""
+    from emulation import gateway as gateway_mod
+
+    path = KUSTOMIZATIONS["gateway"] / "envoy-config.yaml"
+    assert path.read_text() == gateway_mod.cluster_configmap(), (
+        "regenerate: python -m emulation.gateway --cluster-configmap"
+    )
+    bootstrap = tmp_path / "envoy.yaml"
+    bootstrap.write_text(yaml.safe_load(path.read_text())["data"]["envoy.yaml"])
+    done = subprocess.run(
+        [gateway_mod.envoy_binary(), "--mode", "validate", "-c", str(bootstrap)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+
+def test_gateway_picker_args_ports_and_grants(rendered: dict[str, list[Obj]]) -> None:
+    objs = rendered["gateway"]
+    pod = _find(objs, "Deployment", "forestall-picker")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    _parse_or_skip(list(container["args"]))
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert int(_flag(container["args"], "--listen").rsplit(":", 1)[1]) == ports["grpc"]
+    assert int(_flag(container["args"], "--admin-listen").rsplit(":", 1)[1]) == ports["admin"] == ADMIN_PORT
+    pool = _flag(container["args"], "--kube-inference-pool")
+    namespace, name = pool.split("/")
+    inference_pool = _find(objs, "InferencePool", name)
+    assert inference_pool["metadata"]["namespace"] == namespace
+    assert inference_pool["spec"]["endpointPickerRef"]["port"]["number"] == ports["grpc"]
+    assert rbac_grants(objs, "forestall-picker", namespace) == {
+        namespace: {
+            (g, r, v)
+            for g, r in (("inference.networking.k8s.io", "inferencepools"), ("", "pods"))
+            for v in ("list", "watch")
+        }
+    }
+    # The Envoy bootstrap reaches the picker and the pool where the Services put them.
+    envoy = yaml.safe_load(_find(objs, "ConfigMap", "forestall-gateway-envoy")["data"]["envoy.yaml"])
+    clusters = {c["name"]: c for c in envoy["static_resources"]["clusters"]}
+    picker_address = clusters["picker"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+        "address"
+    ]
+    assert picker_address["socket_address"] == {
+        "address": f"forestall-picker.{namespace}.svc.cluster.local",
+        "port_value": ports["grpc"],
+    }
+    pool_address = clusters["pool"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"][
+        "address"
+    ]
+    headless = _find(objs, "Service", "vllm-llama-8b-pool")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert pool_address["socket_address"] == {
+        "address": f"vllm-llama-8b-pool.{namespace}.svc.cluster.local",
+        "port_value": inference_pool["spec"]["targetPorts"][0]["number"],
+    }

@@ -3,7 +3,8 @@
 Built-in kinds validate against the Kubernetes OpenAPI schemas shipped by `kubernetes-validate` (strict,
 `KUBE_VERSION`), loaded once per kind (the library reloads them on every call). Custom resources validate
 through `tests.fakes.crd_schema`: the ScalingPolicy against the CRD generated from `controller.policy`, the
-cluster-autoscaler kinds against compact structural schemas written from their published CRDs.
+cluster-autoscaler kinds against compact structural schemas written from their published CRDs, the
+InferencePool against the Gateway API Inference Extension's released CRD (tests/fakes/gie/, unchanged).
 """
 
 from __future__ import annotations
@@ -12,15 +13,28 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jsonschema
+import yaml
 from kubernetes_validate import utils as kv_utils
 
 from controller import crd as crd_mod
 from tests.fakes import crd_schema
 
 Obj = dict[str, Any]
+
+GIE_INFERENCEPOOL_CRD = Path(__file__).resolve().parent.parent / "gie" / "inferencepools.yaml"
+"""The GIE v1.6.0 InferencePool CRD (`inference.networking.k8s.io/v1`), as released."""
+
+
+@functools.cache
+def inferencepool_schema() -> Obj:
+    """The released InferencePool CRD's v1 `openAPIV3Schema`."""
+    schema: Obj = crd_schema.crd_schema(yaml.safe_load(GIE_INFERENCEPOOL_CRD.read_text()), "v1")
+    return schema
+
 
 KUBE_VERSION = "1.34"
 """Kubernetes version whose schemas validate built-in kinds (kubernetes-validate, strict)."""
@@ -211,6 +225,14 @@ def default_resources(*, capacity_buffer_versions: Iterable[str] = ("v1beta1",))
             "ProvisioningRequest",
             subresources=("status",),
             crd_schema=PROVISIONING_REQUEST_SCHEMA,
+        ),
+        ResourceType(
+            "inference.networking.k8s.io",
+            ("v1",),
+            "inferencepools",
+            "InferencePool",
+            subresources=("status",),
+            crd_schema=inferencepool_schema(),
         ),
         ResourceType("karpenter.sh", ("v1",), "nodepools", "NodePool", False, ("status",), _NODEPOOL_SCHEMA),
         ResourceType(
