@@ -35,16 +35,11 @@ TTFB_DECAY_S = 10.0
 """Peak-EWMA time constant: a slow first byte counts at once, and fades over ~10 s once backends recover."""
 
 
-class _Counted(Protocol):
+class Relayed(Protocol):
+    """What a lease needs of a relayed response body: its byte count so far, and a way to cut it."""
+
     @property
     def total_bytes(self) -> int: ...
-
-
-class Relayed(Protocol):
-    """What a lease needs of a relayed response (aiohttp's ClientResponse fits)."""
-
-    @property
-    def content(self) -> _Counted: ...
 
     def close(self) -> None: ...
 
@@ -153,7 +148,7 @@ class Lease:
     def watch(self, stream: Relayed, now_s: float) -> None:
         """Start idle tracking of the relayed response (after its first byte)."""
         self.stream = stream
-        self.seen_bytes = stream.content.total_bytes
+        self.seen_bytes = stream.total_bytes
         self.seen_s = now_s
 
     def check_idle(self, now_s: float, *, limit_s: float) -> bool:
@@ -161,7 +156,7 @@ class Lease:
         stream = self.stream
         if stream is None or self.released or self.idle_timed_out:
             return False
-        total = stream.content.total_bytes
+        total = stream.total_bytes
         if total != self.seen_bytes:
             self.seen_bytes = total
             self.seen_s = now_s

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = (
     str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 )
-FORESTALL = str(ROOT / ".venv" / "bin" / "forestall")
+FORESTALL = [PYTHON, "-m", "forestall"]
+"""The console script of this tree (run from ROOT, so a worktree measures its own code, not the installed one)."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 30.0
 """How long a process may take to start listening before the benchmark gives up on it."""
@@ -342,7 +343,7 @@ class Forestall(Proxy):
         (self.dir / "backends.json").write_text(json.dumps({"backends": backends}))
         self._launch(
             [
-                FORESTALL,
+                *FORESTALL,
                 "balancer",
                 "--listen",
                 f"127.0.0.1:{self.port}",
@@ -399,7 +400,7 @@ def make(name: str, backends: list[Backend]) -> Proxy:
 
 def forestall_available() -> bool:
     """Whether `forestall balancer` exists in this tree yet (it is being built alongside the benchmarks)."""
-    done = subprocess.run([FORESTALL, "balancer", "--help"], capture_output=True, cwd=ROOT)
+    done = subprocess.run([*FORESTALL, "balancer", "--help"], capture_output=True, cwd=ROOT)
     return done.returncode == 0
 
 
