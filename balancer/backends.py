@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from balancer import picking
+from balancer import capacity, picking
 from balancer.config import BackendSpec, BalancerConfig
 from contract import clock as clock_mod
 
@@ -65,6 +65,8 @@ class Backend:
     active: int = 0
     queued: int = 0
     """Backend-reported waiting streams (scraped), or a saturating figure when the scrape is stale."""
+    learned: capacity.Learned = field(default_factory=capacity.Learned)
+    """Its concurrency limit as learned from its metrics (capacity.py); used when none is configured."""
     sessions: int = 0
     leases: set[Lease] = field(default_factory=set)
 
@@ -92,11 +94,15 @@ class Backend:
         return "ready" if self.warm else "warming"
 
     def capacity_streams(self, default_per_weight: int | None) -> int | None:
-        """Streams it carries before new ones queue, or None for no cap."""
+        """Streams it carries before new ones queue, or None for no cap.
+
+        A configured cap wins (its own `max_streams`, then `default_per_weight` scaled by weight); else the
+        limit learned from its metrics; else none.
+        """
         if self.max_streams is not None:
             return self.max_streams
         if default_per_weight is None:
-            return None
+            return self.learned.limit
         return max(1, math.floor(default_per_weight * self.weight))
 
     def observe_ttfb(self, ttfb_s: float, now_s: float) -> None:

@@ -80,7 +80,12 @@ def armed() -> Iterator[None]:
 class Connector(aiohttp.TCPConnector):
     """aiohttp's TCP connector, with a `Tap` in front of every connection's protocol."""
 
-    async def connect(self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout) -> Connection:
+    async def connect(
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109  (aiohttp's signature)
+    ) -> Connection:
         conn = await super().connect(req, traces, timeout)
         transport = conn.transport
         inner = conn.protocol
@@ -414,7 +419,7 @@ class RawResponse(web.StreamResponse):
     _length_check = False
 
 
-def framing(upstream: aiohttp.ClientResponse, request: web.Request) -> int | None | bool:
+def framing(upstream: aiohttp.ClientResponse, request: web.Request) -> int | bool | None:
     """How the body is relayed: its Content-Length, None for chunked, False when aiohttp must carry it.
 
     False for bodies that end when the connection closes, for chunked bodies to HTTP/1.0 clients (they cannot

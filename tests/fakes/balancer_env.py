@@ -79,6 +79,9 @@ async def balancer(
     """A balancer in front of `backends` (inline, present at startup) with config `settings`."""
     specs = [{"address": a, "weight": (weights or {}).get(a, 1.0)} for a in backends or []]
     values: dict[str, Any] = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "backends": specs}
+    # Scraping is on by default in production; here a test that scrapes says so, because the scraper's
+    # GET /metrics would otherwise reach the catch-all scripted backends and show up in what they record.
+    values["scrape_metrics"] = False
     values.update(settings)
     config = config_mod.BalancerConfig.model_validate(values)
     bal = Balancer(config, clock=clock)
