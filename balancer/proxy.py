@@ -5,23 +5,29 @@ Flow of a request: validate what is cheap to validate (body size, MCP session) -
 -> send to the backend -> on a connect error, reset, first-byte timeout or 503 before anything reached the client,
 retry on another backend within the retry budget -> relay the status and headers -> relay the body.
 
-The per-chunk path is `await resp.write(chunk)` after `await content.readany()` and nothing else: no parsing,
-logging, counting or allocation of our own (a plain `while` loop, not `async for ... iter_any()`, which adds an
-iterator frame per chunk). Idle timeouts are found by a once-a-second sweep over open streams
-(runtime.Balancer.sweep_idle, no timer re-armed per chunk), relayed bytes are read from
-the response stream's own total at the end, and failure inspection looks at the first and last chunk after the
-fact (health.response_error). Response bodies are never buffered; request bodies only up to the retry buffer.
+The per-chunk path is protocol-level (relay.py): after the response head, the backend connection's protocol
+is switched to a `relay.Pipe` that writes each piece straight to the client transport, with the backend's
+chunked or Content-Length framing passed through unchanged; this module only waits for the first byte (to time
+it and enforce `first_byte_timeout_s`), for the end, and drains the client when it pushes back. Bodies that
+framing cannot carry (read-until-close, HEAD and bodiless statuses, chunked to an HTTP/1.0 client) take the
+aiohttp path (`_relay_streamed`: `readany()` then `resp.write()`). Idle timeouts are found by a once-a-second
+sweep over open streams (runtime.Balancer.sweep_idle, no timer re-armed per chunk), relayed bytes are counted by
+the pipe, and failure inspection looks at the first and last piece after the fact (health.response_error).
+Response bodies are never buffered; request bodies only up to the retry buffer.
 
 Headers: hop-by-hop headers (RFC 9110 section 7.6.1: Connection and every header it names, Keep-Alive,
 Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-Authenticate/-Authorization) are dropped in
-both directions; `X-Forwarded-For`, `-Proto` and `-Host` are added; Content-Length is kept when the length is
+both directions (the protocol path declares `Transfer-Encoding: chunked` again for the chunked body it passes
+through); `X-Forwarded-For`, `-Proto` and `-Host` are added; Content-Length is kept when the length is
 known; bytes pass through undecoded (no decompression), so Content-Encoding stays true.
 
 Endings: a stream ends when the backend finishes, the client goes away (write fails, or aiohttp cancels the
 handler), the backend fails mid-stream, or the task is cancelled; in every case the lease is released in
 `finally`. A backend failing mid-stream ends an SSE response with a clean terminal event
-`event: error` / `data: {"error": {...}}` and a proper end of the chunked body; any other body is cut (the
-connection closes without the final chunk), so the client sees a truncated body rather than a short "success".
+`event: error` / `data: {"error": {...}}` and a proper end of the chunked body when the failure falls between
+chunks; any other body is cut (the connection closes without the final chunk), so the client sees a truncated
+body rather than a short "success". Only a backend connection whose body ended exactly at its framing's end
+goes back to the pool.
 
 What this module does not do: WebSocket (websockets.py), choose backends (runtime.py), or admin endpoints.
 """
