@@ -5,23 +5,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 """The real public traces (see its README); tests that need them skip with a reason when it is absent."""
-
-
-def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Any] | None:
-    """Modules that set `BOTH_LOOPS = True` run each test on asyncio's loop and on uvloop."""
-    module = getattr(item, "module", None)
-    if not getattr(module, "BOTH_LOOPS", False):
-        return None
-    import uvloop
-
-    return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

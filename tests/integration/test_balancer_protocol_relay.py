@@ -1,4 +1,7 @@
-"""The protocol-level body relay (balancer/relay.py) on loopback: framing, connection reuse, backpressure, endings."""
+"""The protocol-level body relay (balancer/relay.py) on loopback: framing, connection reuse, backpressure, endings.
+
+These tests run again on uvloop (tests/integration/uvloop/), which production uses: the relay swaps transport
+protocols and pauses reading, which each loop implements in its own way."""
 
 from __future__ import annotations
 
@@ -12,10 +15,6 @@ from balancer import relay
 from tests.fakes.balancer_env import RawBackend, balancer, completion_body, emulators, read_sse, wait_until
 
 FAST = {"slots": 8, "ttft_s": 0.0, "seconds_per_token": 0.0}
-
-BOTH_LOOPS = True
-"""Every test here runs on asyncio's loop and on uvloop (tests/conftest.py): the relay swaps transport protocols
-and pauses reading, which each loop implements in its own way, and production runs uvloop."""
 
 CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 EVENTS = [b'data: {"n": %d}\n\n' % i for i in range(5)]
