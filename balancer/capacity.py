@@ -15,7 +15,12 @@ mixed pool, but the pods publish their load on `/metrics`:
 The rule (`learn`): a backend that reports waiting requests in two scrapes in a row, with its running count not
 growing between them, runs as many as it can: its limit is that running count. Two scrapes, because a request
 sits in vLLM's waiting queue for a scheduler step even when there is room (one sample with `waiting=1` is not
-a full batch); not growing, because a backend still admitting is not at its limit. The limit can also rise: a
+a full batch); not growing, because a backend still admitting is not at its limit. One scrape is enough when
+its KV cache is full too (`KV_FULL`): then nothing waiting can be admitted. Learning fast matters: a stream
+placed in a full pod stays in that pod's queue even after the limit is known, so before any queue has been
+seen the limit is estimated from the KV cache: a backend running `r` sequences with a fraction `u` of its cache
+in use holds about `r / u` sequences like them (vLLM and SGLang admit while cache blocks are free). The estimate
+follows every scrape until a queue gives the measured limit, which then only probes can raise. The limit can also rise: a
 backend held at its learned limit while streams wait in the balancer, with no queue of its own and its KV cache
 below `KV_PROBE_MAX`, is given one stream more (a probe) after `PROBE_AFTER_S`; a probe that makes it queue
 sets the limit back and doubles the wait before the next one (up to `PROBE_MAX_S`), so a limit that is right
@@ -28,6 +33,7 @@ learned limit; the backend's reported queue (`Backend.queued`) still steers pick
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Final
 
@@ -44,6 +50,11 @@ SERVERS: Final = (
 
 _WANTED: Final = frozenset(name for running, waiting, kv in SERVERS for name in (running, waiting, *kv))
 
+KV_FULL: Final = 0.95
+"""KV-cache use at which a queue proves the backend full in one scrape (no room is left to admit the waiting)."""
+KV_ESTIMATE_MIN: Final = 0.25
+"""Least KV-cache use from which `running / use` estimates the limit: below it one sequence more or less moves
+the estimate too much."""
 KV_PROBE_MAX: Final = 0.9
 """No probe above this KV-cache usage: the cache, not the batch size, is what limits the backend then."""
 PROBE_AFTER_S: Final = 30.0
@@ -76,6 +87,8 @@ class Learned:
     probe_wait_s: float = PROBE_AFTER_S
     probing: bool = False
     """True while a probe (limit + 1) is out."""
+    seen_full: bool = False
+    """True once the limit came from the backend queueing (until then it is the KV-cache estimate)."""
 
 
 def parse(text: str) -> LoadSample | None:
@@ -125,18 +138,31 @@ def learn(state: Learned, sample: LoadSample, *, now_s: float, queue_waiting: bo
         return state.limit
     last, state.last = state.last, sample
     running = round(sample.running)
+    full_cache = sample.kv_usage is not None and sample.kv_usage >= KV_FULL
     saturated = (
         sample.waiting >= 1
-        and last is not None
-        and last.running is not None
-        and last.waiting >= 1
-        and 1 <= running <= round(last.running)
+        and running >= 1
+        and (
+            full_cache
+            or (
+                last is not None
+                and last.running is not None
+                and last.waiting >= 1
+                and running <= round(last.running)
+            )
+        )
     )
     if saturated:
         if state.probing:  # the probe made it queue: back, and wait longer before the next one
             state.probe_wait_s = min(state.probe_wait_s * 2, PROBE_MAX_S)
-        state.limit, state.changed_s, state.probing = running, now_s, False
+        state.limit, state.changed_s, state.probing, state.seen_full = running, now_s, False, True
         return running
+    if not state.seen_full:
+        kv = sample.kv_usage
+        if kv is not None and kv >= KV_ESTIMATE_MIN and running >= 1 and sample.waiting < 1:
+            state.limit = max(running, math.floor(running / kv + 1e-6))  # what the cache would hold
+            state.changed_s = now_s
+        return state.limit
     limit = state.limit
     if limit is None:
         return None

@@ -103,5 +103,13 @@ class Scraper:
         before = backend.learned.limit
         limit = capacity.learn(backend.learned, sample, now_s=now, queue_waiting=len(self.bal.admission) > 0)
         if limit != before:
-            log.info("backend %s: learned concurrency limit %s (was %s)", backend.address, limit, before)
+            how = "measured from its queue" if backend.learned.seen_full else "estimated from its KV cache"
+            log.log(
+                logging.INFO if backend.learned.seen_full else logging.DEBUG,
+                "backend %s: concurrency limit %s, %s (was %s)",
+                backend.address,
+                limit,
+                how,
+                before,
+            )
             self.bal.pool.notify()  # a higher limit may admit a waiting stream now

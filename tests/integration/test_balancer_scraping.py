@@ -54,8 +54,8 @@ async def test_scraped_waiting_streams_steer_new_streams_and_stale_figures_satur
 
 
 async def test_a_limit_learned_from_the_backend_queue_keeps_excess_streams_in_the_balancer() -> None:
-    """Not told its slots, the balancer learns them from the backend's running/waiting figures; from then on
-    the streams beyond them wait in the balancer's admission queue, not inside the pod."""
+    """Not told its slots, the balancer learns them from the backend's running/waiting/KV-cache figures; from
+    then on the streams beyond them wait in the balancer's admission queue, not inside the pod."""
     fake = clock_mod.FakeClock()
     two_slots = {"slots": 2, "ttft_s": 0.0, "seconds_per_token": 1000.0}  # streams hold their slot
     async with (
@@ -72,10 +72,9 @@ async def test_a_limit_learned_from_the_backend_queue_keeps_excess_streams_in_th
         async with asyncio.timeout(10):
             while backend.queued != 1:  # two run, one waits inside the pod
                 await scraper.scrape_once()
-        assert backend.learned.limit is None  # one scrape showing a queue is not enough
-        fake.advance(lb.bal.config.scrape_interval_s)
-        await scraper.scrape_once()
-        assert backend.learned.limit == 2 and backend.capacity_streams(None) == 2
+        # Two run, one waits, its KV cache is full: the limit is measured in one scrape.
+        assert backend.learned.limit == 2 and backend.learned.seen_full
+        assert backend.capacity_streams(None) == 2
         fourth = asyncio.create_task(http.post(f"{lb.url}/v1/completions", json=completion_body()))
         await wait_until(lambda: len(lb.bal.admission) == 1, what="the fourth stream waits in the balancer")
         await scraper.scrape_once()
