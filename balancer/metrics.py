@@ -59,11 +59,6 @@ class BalancerCollector(Collector):
         )
         score = GaugeMetricFamily(P + "hotspot_score", "Load over the weighted mean load.", labels=lb)
         relayed = CounterMetricFamily(P + "relayed_bytes", "Response body bytes relayed.", labels=lb)
-        limit = GaugeMetricFamily(
-            P + "backend_max_streams",
-            "Streams the backend carries before new ones queue: configured, else learned from its metrics.",
-            labels=lb,
-        )
         for b in backends:
             key = [b.address]
             active.add_metric(key, b.active)
@@ -84,9 +79,6 @@ class BalancerCollector(Collector):
             spot = hot.get(b.address)
             score.add_metric(key, spot.score if spot else 0.0)
             relayed.add_metric(key, b.relayed_bytes)
-            cap = b.capacity_streams(bal.config.max_streams_per_backend)
-            if cap is not None:
-                limit.add_metric(key, cap)
         queue = GaugeMetricFamily(P + "admission_queue_length", "Streams waiting for capacity.")
         queue.add_metric([], len(bal.admission))
         rejected = CounterMetricFamily(
@@ -106,7 +98,6 @@ class BalancerCollector(Collector):
             queue,
             rejected,
             relayed,
-            limit,
         )
 
 
