@@ -12,7 +12,7 @@ How the head and the body are split. aiohttp's response parser consumes whatever
 included, and a body it has decoded cannot be re-framed. So every connection of the relaying client session
 carries a `Tap` in front of aiohttp's protocol (installed by `Connector.connect`). For a request sent under
 `armed()`, the tap forwards bytes up to the end of the final response head (interim 1xx heads pass through; a
-101 switches it to plain forwarding), then holds the rest until the relay claims it. `release()` instead hands
+101 switches it to plain forwarding), then holds the rest until the relay takes it over (`start()`). `release()` instead hands
 the held bytes to aiohttp, for the bodies this module does not relay itself (see `framing`). Requests not sent
 under `armed()` (metric scrapes, WebSocket upgrades) see a tap that only forwards.
 
@@ -69,7 +69,7 @@ _FORWARD, _HEAD, _HELD = 0, 1, 2
 
 @contextlib.contextmanager
 def armed() -> Iterator[None]:
-    """Requests sent in this block get their body held after the head, for `claim()` or `release()`."""
+    """Requests sent in this block get their body held after the head, for `start()` or `release()`."""
     token = _ARMED.set(True)
     try:
         yield
