@@ -12,9 +12,10 @@ How the head and the body are split. aiohttp's response parser consumes whatever
 included, and a body it has decoded cannot be re-framed. So every connection of the relaying client session
 carries a `Tap` in front of aiohttp's protocol (installed by `Connector.connect`). For a request sent under
 `armed()`, the tap forwards bytes up to the end of the final response head (interim 1xx heads pass through; a
-101 switches it to plain forwarding), then holds the rest until the relay takes it over (`start()`). `release()` instead hands
-the held bytes to aiohttp, for the bodies this module does not relay itself (see `framing`). Requests not sent
-under `armed()` (metric scrapes, WebSocket upgrades) see a tap that only forwards.
+101 switches it to plain forwarding), then holds the rest until the relay takes it over (`start()`).
+`release()` instead hands the held bytes to aiohttp, for the bodies this module does not relay itself (see
+`framing`). Requests not sent under `armed()` (metric scrapes, WebSocket upgrades) see a tap that only
+forwards.
 
 Semantics the protocol path keeps (proxy.py holds the lease and releases it in `finally`):
 - backpressure both ways: a client transport over its high-water mark pauses reading from the backend until
