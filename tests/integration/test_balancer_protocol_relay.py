@@ -54,6 +54,27 @@ async def test_chunked_body_split_at_every_byte_passes_through_and_the_connectio
         assert raw.connections == 1 and [i for i, _ in raw.requests] == [0, 0]
 
 
+async def test_a_head_split_at_every_byte_after_an_interim_103_is_found() -> None:
+    """The tap looks for the end of the final head however it arrives, passing interim 1xx heads to aiohttp."""
+    whole = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n" + CHUNKED_HEAD + CHUNKED_BODY
+    )
+
+    async def byte_by_byte(index: int, head: bytes, writer: asyncio.StreamWriter) -> None:
+        for i in range(len(whole)):
+            writer.write(whole[i : i + 1])
+            await writer.drain()
+            await asyncio.sleep(0)
+
+    async with RawBackend(byte_by_byte) as raw, balancer([raw.address]) as lb:
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{lb.url}/v1/completions", json=completion_body()) as resp:
+                assert resp.status == 200
+                assert await resp.read() == b"".join(EVENTS)
+        backend = lb.bal.pool.backends[raw.address]
+        assert backend.relayed_bytes == len(CHUNKED_BODY) and backend.completed == 1
+
+
 async def test_content_length_body_is_relayed_by_its_length_and_the_connection_is_reused() -> None:
     async with emulators(FAST) as addrs, balancer(addrs) as lb, aiohttp.ClientSession() as http:
         for _ in range(3):
