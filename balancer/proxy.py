@@ -297,8 +297,7 @@ async def _relay(
         else:
             upstream.close()
     if ok and pipe is not None:
-        first = relay.body_sample(pipe.first or b"", chunked=chunked)
-        last = relay.body_sample(pipe.last, chunked=chunked) if pipe.last is not pipe.first else first
+        first, last = _error_samples(pipe, chunked=chunked)
         _judge(bal, backend, upstream.status, first, last, content_type)
     return resp
 
@@ -349,6 +348,19 @@ async def _relay_streamed(
     if ok:
         _judge(bal, backend, upstream.status, first, chunk, content_type)
     return resp
+
+
+def _error_samples(pipe: relay.Pipe, *, chunked: bool) -> tuple[bytes, bytes]:
+    """The first and last piece, unframed, for health.response_error; empty when they cannot hold an error.
+
+    Every error shape it finds names `error` or `isError`, so a piece without `rror` is not unframed at all.
+    """
+    first = pipe.first or b""
+    first = relay.body_sample(first, chunked=chunked) if b"rror" in first else b""
+    if pipe.last is pipe.first:
+        return first, first
+    last = relay.body_sample(pipe.last, chunked=chunked) if b"rror" in pipe.last else b""
+    return first, last
 
 
 class _Counted:
