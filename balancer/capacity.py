@@ -53,8 +53,8 @@ _WANTED: Final = frozenset(name for running, waiting, kv in SERVERS for name in 
 KV_FULL: Final = 0.95
 """KV-cache use at which a queue proves the backend full in one scrape (no room is left to admit the waiting)."""
 KV_ESTIMATE_MIN: Final = 0.25
-"""Least KV-cache use from which `running / use` estimates the limit: below it one sequence more or less moves
-the estimate too much."""
+"""Least KV-cache use from which `running / use` may lower the estimated limit: below it one sequence more or
+less moves the estimate too much, so it may only raise it (a cap that is too high costs nothing new)."""
 KV_PROBE_MAX: Final = 0.9
 """No probe above this KV-cache usage: the cache, not the batch size, is what limits the backend then."""
 PROBE_AFTER_S: Final = 30.0
@@ -159,9 +159,11 @@ def learn(state: Learned, sample: LoadSample, *, now_s: float, queue_waiting: bo
         return running
     if not state.seen_full:
         kv = sample.kv_usage
-        if kv is not None and kv >= KV_ESTIMATE_MIN and running >= 1 and sample.waiting < 1:
-            state.limit = max(running, math.floor(running / kv + 1e-6))  # what the cache would hold
-            state.changed_s = now_s
+        if kv is not None and kv > 0 and running >= 1 and sample.waiting < 1:
+            estimate = max(running, math.floor(running / kv + 1e-6))  # what the cache would hold
+            if kv >= KV_ESTIMATE_MIN or state.limit is None or estimate > state.limit:
+                state.limit = estimate  # a low use only ever raises it: one sequence moves it too much
+                state.changed_s = now_s
         return state.limit
     limit = state.limit
     if limit is None:

@@ -76,9 +76,13 @@ def test_a_backend_running_more_than_its_limit_without_a_queue_raises_it() -> No
 
 def test_before_any_queue_the_kv_cache_use_estimates_the_limit_and_a_queue_then_measures_it() -> None:
     state = capacity.Learned()
-    assert capacity.learn(state, _sample(1, 0, kv=0.1), now_s=0.0, queue_waiting=False) is None  # too little
+    assert capacity.learn(state, _sample(0, 0, kv=0.0), now_s=0.0, queue_waiting=False) is None  # idle
+    assert capacity.learn(state, _sample(1, 0, kv=0.04), now_s=0.0, queue_waiting=False) == 25
+    # A low use only raises the estimate: one sequence more or less moves it too much.
+    assert capacity.learn(state, _sample(2, 0, kv=0.2), now_s=0.5, queue_waiting=False) == 25
     assert capacity.learn(state, _sample(5, 0, kv=5 / 16), now_s=1.0, queue_waiting=False) == 16
     assert capacity.learn(state, _sample(6, 0, kv=0.5), now_s=2.0, queue_waiting=False) == 12  # longer ones
+    assert capacity.learn(state, _sample(12, 0, kv=0.4), now_s=2.5, queue_waiting=False) == 30  # shorter ones
     # It queues at 10 with its cache full: measured, and no longer estimated.
     assert capacity.learn(state, _sample(10, 2, kv=0.97), now_s=3.0, queue_waiting=False) == 10
     assert capacity.learn(state, _sample(4, 0, kv=0.3), now_s=4.0, queue_waiting=False) == 10
