@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from balancer import picking
+from balancer import capacity, picking
 from balancer.config import BackendSpec, BalancerConfig
 from contract import clock as clock_mod
 
@@ -35,16 +35,11 @@ TTFB_DECAY_S = 10.0
 """Peak-EWMA time constant: a slow first byte counts at once, and fades over ~10 s once backends recover."""
 
 
-class _Counted(Protocol):
+class Relayed(Protocol):
+    """What a lease needs of a relayed response body: its byte count so far, and a way to cut it."""
+
     @property
     def total_bytes(self) -> int: ...
-
-
-class Relayed(Protocol):
-    """What a lease needs of a relayed response (aiohttp's ClientResponse fits)."""
-
-    @property
-    def content(self) -> _Counted: ...
 
     def close(self) -> None: ...
 
@@ -70,6 +65,8 @@ class Backend:
     active: int = 0
     queued: int = 0
     """Backend-reported waiting streams (scraped), or a saturating figure when the scrape is stale."""
+    learned: capacity.Learned = field(default_factory=capacity.Learned)
+    """Its concurrency limit as learned from its metrics (capacity.py); used when none is configured."""
     sessions: int = 0
     leases: set[Lease] = field(default_factory=set)
 
@@ -97,11 +94,15 @@ class Backend:
         return "ready" if self.warm else "warming"
 
     def capacity_streams(self, default_per_weight: int | None) -> int | None:
-        """Streams it carries before new ones queue, or None for no cap."""
+        """Streams it carries before new ones queue, or None for no cap.
+
+        A configured cap wins (its own `max_streams`, then `default_per_weight` scaled by weight); else the
+        limit learned from its metrics; else none.
+        """
         if self.max_streams is not None:
             return self.max_streams
         if default_per_weight is None:
-            return None
+            return self.learned.limit
         return max(1, math.floor(default_per_weight * self.weight))
 
     def observe_ttfb(self, ttfb_s: float, now_s: float) -> None:
@@ -153,7 +154,7 @@ class Lease:
     def watch(self, stream: Relayed, now_s: float) -> None:
         """Start idle tracking of the relayed response (after its first byte)."""
         self.stream = stream
-        self.seen_bytes = stream.content.total_bytes
+        self.seen_bytes = stream.total_bytes
         self.seen_s = now_s
 
     def check_idle(self, now_s: float, *, limit_s: float) -> bool:
@@ -161,7 +162,7 @@ class Lease:
         stream = self.stream
         if stream is None or self.released or self.idle_timed_out:
             return False
-        total = stream.content.total_bytes
+        total = stream.total_bytes
         if total != self.seen_bytes:
             self.seen_bytes = total
             self.seen_s = now_s

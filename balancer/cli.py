@@ -62,7 +62,10 @@ def add_parser(subparsers: Any) -> None:
     )
     p.add_argument("--affinity-cookie", help="pin requests by this cookie")
     p.add_argument(
-        "--scrape-metrics", action="store_true", default=None, help="merge vLLM queue figures from /metrics"
+        "--scrape-metrics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read each backend's /metrics (vLLM, SGLang, TGI) for its queue and concurrency limit (default on)",
     )
     p.add_argument(
         "--set",

@@ -187,10 +187,12 @@ class BalancerConfig(_Model):
     hotspot_for_s: float = Field(30.0, ge=0)
     """... for this long."""
 
-    scrape_metrics: bool = False
-    """Scrape each backend's /metrics (vLLM names) for the queue it reports."""
-    scrape_interval_s: float = Field(5.0, gt=0)
-    """Scrape period; figures older than 3 periods count as saturated."""
+    scrape_metrics: bool = True
+    """Scrape each backend's /metrics (vLLM, SGLang or TGI names) for the queue it reports and to learn its
+    concurrency limit (capacity.py). Backends that publish none of those names are left alone."""
+    scrape_interval_s: float = Field(2.0, gt=0)
+    """Scrape period: short enough to learn a limit within seconds of the first queue; figures older than 3
+    periods count as saturated."""
 
     reload_interval_s: float = Field(1.0, gt=0)
     """How often the backends file is checked for changes."""

@@ -5,23 +5,29 @@ Flow of a request: validate what is cheap to validate (body size, MCP session) -
 -> send to the backend -> on a connect error, reset, first-byte timeout or 503 before anything reached the client,
 retry on another backend within the retry budget -> relay the status and headers -> relay the body.
 
-The per-chunk path is `await resp.write(chunk)` after `await content.readany()` and nothing else: no parsing,
-logging, counting or allocation of our own (a plain `while` loop, not `async for ... iter_any()`, which adds an
-iterator frame per chunk). Idle timeouts are found by a once-a-second sweep over open streams
-(runtime.Balancer.sweep_idle, no timer re-armed per chunk), relayed bytes are read from
-the response stream's own total at the end, and failure inspection looks at the first and last chunk after the
-fact (health.response_error). Response bodies are never buffered; request bodies only up to the retry buffer.
+The per-chunk path is protocol-level (relay.py): after the response head, the backend connection's protocol
+is switched to a `relay.Pipe` that writes each piece straight to the client transport, with the backend's
+chunked or Content-Length framing passed through unchanged; this module only waits for the first byte (to time
+it and enforce `first_byte_timeout_s`), for the end, and drains the client when it pushes back. Bodies that
+framing cannot carry (read-until-close, HEAD and bodiless statuses, chunked to an HTTP/1.0 client) take the
+aiohttp path (`_relay_streamed`: `readany()` then `resp.write()`). Idle timeouts are found by a once-a-second
+sweep over open streams (runtime.Balancer.sweep_idle, no timer re-armed per chunk), relayed bytes are counted by
+the pipe, and failure inspection looks at the first and last piece after the fact (health.response_error).
+Response bodies are never buffered; request bodies only up to the retry buffer.
 
 Headers: hop-by-hop headers (RFC 9110 section 7.6.1: Connection and every header it names, Keep-Alive,
 Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade, Proxy-Authenticate/-Authorization) are dropped in
-both directions; `X-Forwarded-For`, `-Proto` and `-Host` are added; Content-Length is kept when the length is
+both directions (the protocol path declares `Transfer-Encoding: chunked` again for the chunked body it passes
+through); `X-Forwarded-For`, `-Proto` and `-Host` are added; Content-Length is kept when the length is
 known; bytes pass through undecoded (no decompression), so Content-Encoding stays true.
 
 Endings: a stream ends when the backend finishes, the client goes away (write fails, or aiohttp cancels the
 handler), the backend fails mid-stream, or the task is cancelled; in every case the lease is released in
 `finally`. A backend failing mid-stream ends an SSE response with a clean terminal event
-`event: error` / `data: {"error": {...}}` and a proper end of the chunked body; any other body is cut (the
-connection closes without the final chunk), so the client sees a truncated body rather than a short "success".
+`event: error` / `data: {"error": {...}}` and a proper end of the chunked body when the failure falls between
+chunks; any other body is cut (the connection closes without the final chunk), so the client sees a truncated
+body rather than a short "success". Only a backend connection whose body ended exactly at its framing's end
+goes back to the pool.
 
 What this module does not do: WebSocket (websockets.py), choose backends (runtime.py), or admin endpoints.
 """
@@ -37,7 +43,7 @@ from aiohttp import http_exceptions, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from balancer import health, websockets
+from balancer import health, relay, websockets
 from balancer.backends import Backend, Lease
 from balancer.errors import NoBackendError, UpstreamError
 from balancer.runtime import Balancer
@@ -77,6 +83,8 @@ TERMINAL_SSE_ERROR: Final = (
     b'"message": "the backend failed during the stream; it was ended by the balancer"}}\n\n'
 )
 """Last event sent to an SSE client whose backend died mid-stream: a clean end the client can parse."""
+TERMINAL_SSE_CHUNK: Final = relay.terminal_chunk(TERMINAL_SSE_ERROR)
+"""The same event as the last chunk of a chunked body relayed at the protocol level (relay.py)."""
 
 
 class BodyTooLarge(Exception):
@@ -195,9 +203,10 @@ async def _send(
     url = URL(f"{bal.scheme}://{backend.address}{url_tail}", encoded=True)
     try:
         async with asyncio.timeout(bal.config.first_byte_timeout_s):
-            return await bal.client.request(
-                request.method, url, headers=headers, data=body, allow_redirects=False, compress=None
-            )
+            with relay.armed():  # the body stays unread after the head, for the protocol-level relay
+                return await bal.client.request(
+                    request.method, url, headers=headers, data=body, allow_redirects=False, compress=None
+                )
     except aiohttp.ClientConnectorError as exc:
         raise UpstreamError(
             f"cannot connect to backend {backend.address}: {exc.os_error}", reason="connect"
@@ -230,9 +239,6 @@ async def _relay(
     session_id: str | None,
 ) -> web.StreamResponse:
     backend = lease.backend
-    resp = web.StreamResponse(
-        status=upstream.status, reason=upstream.reason, headers=_backward_headers(upstream)
-    )
     learned = upstream.headers.get(SESSION_HEADER)
     if learned is not None and session_id is None and upstream.status < 300:
         bal.sessions.bind(learned, backend)
@@ -240,6 +246,70 @@ async def _relay(
         upstream.status == 404 or (request.method == "DELETE" and upstream.status < 300)
     ):
         bal.sessions.end(session_id)
+    length = relay.framing(upstream, request)
+    if length is False:
+        relay.release(upstream)
+        return await _relay_streamed(request, bal, lease, upstream, start_s=start_s)
+    chunked = length is None
+    headers = _backward_headers(upstream)
+    if chunked:
+        headers.popall("Content-Length", None)
+        headers["Transfer-Encoding"] = "chunked"
+    resp = relay.RawResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    content_type = upstream.headers.get("Content-Type", "")
+    pipe: relay.Pipe | None = None
+    ok = False
+    try:
+        writer = await resp.prepare(request)
+        assert writer is not None, "a prepared response has a writer"
+        pipe = relay.start(upstream, request, length=length)
+        if pipe is None:
+            raise ConnectionResetError("the client left before the body")
+        remaining_s = bal.config.first_byte_timeout_s - (bal.clock.monotonic() - start_s)
+        await relay.wait_first(pipe, timeout_s=remaining_s)
+        now_s = bal.clock.monotonic()
+        if pipe.first is not None:
+            backend.observe_ttfb(now_s - start_s, now_s)
+        lease.watch(pipe, now_s)
+        await relay.follow(pipe, writer)
+        if pipe.outcome == relay.DONE:
+            await resp.write_eof()
+            ok = True
+        elif pipe.outcome == relay.CLIENT_GONE:
+            backend.count_failure("client_gone")
+        else:
+            bal.outliers.failure(backend, "timeout" if lease.idle_timed_out else "midstream")
+            await _end_broken(request, resp, content_type, pipe=pipe)
+    except (ConnectionResetError, aiohttp.ClientError, TimeoutError) as exc:
+        if _client_gone(request):
+            backend.count_failure("client_gone")
+        else:
+            timed_out = isinstance(exc, TimeoutError) or lease.idle_timed_out
+            bal.outliers.failure(backend, "timeout" if timed_out else "midstream")
+            await _end_broken(request, resp, content_type, pipe=pipe)
+    finally:
+        if pipe is not None:
+            backend.relayed_bytes += pipe.total_bytes
+        lease.release()
+        if ok and pipe is not None and pipe.reusable:
+            upstream.content.feed_eof()  # aiohttp never saw the body: mark it read, so the link is pooled
+            upstream.release()
+        else:
+            upstream.close()
+    if ok and pipe is not None:
+        first, last = _error_samples(pipe, chunked=chunked)
+        _judge(bal, backend, upstream.status, first, last, content_type)
+    return resp
+
+
+async def _relay_streamed(
+    request: web.Request, bal: Balancer, lease: Lease, upstream: aiohttp.ClientResponse, *, start_s: float
+) -> web.StreamResponse:
+    """Relay a body through aiohttp's stream objects: for the framings relay.py leaves to aiohttp."""
+    backend = lease.backend
+    resp = web.StreamResponse(
+        status=upstream.status, reason=upstream.reason, headers=_backward_headers(upstream)
+    )
     content = upstream.content
     content_type = upstream.headers.get("Content-Type", "")
     first = b""
@@ -252,7 +322,7 @@ async def _relay(
             first = await content.readany()
         now_s = bal.clock.monotonic()
         backend.observe_ttfb(now_s - start_s, now_s)
-        lease.watch(upstream, now_s)
+        lease.watch(_Counted(upstream), now_s)
         if first:
             await resp.write(first)
             chunk = first
@@ -267,7 +337,7 @@ async def _relay(
         else:
             timed_out = isinstance(exc, TimeoutError) or lease.idle_timed_out
             bal.outliers.failure(backend, "timeout" if timed_out else "midstream")
-            await _end_broken(request, resp, content_type)
+            await _end_broken(request, resp, content_type, pipe=None)
     finally:
         backend.relayed_bytes += content.total_bytes
         lease.release()
@@ -276,26 +346,70 @@ async def _relay(
         else:
             upstream.close()
     if ok:
-        backend.completed += 1
-        hidden = (
-            health.response_error(first, chunk, content_type=content_type) if upstream.status == 200 else None
-        )
-        if hidden is not None:
-            bal.outliers.failure(backend, hidden)
-        elif upstream.status >= 500:
-            bal.outliers.failure(backend, f"status_{upstream.status}")
-        else:
-            bal.outliers.success(backend)
+        _judge(bal, backend, upstream.status, first, chunk, content_type)
     return resp
 
 
-async def _end_broken(request: web.Request, resp: web.StreamResponse, content_type: str) -> None:
-    """End a stream whose backend failed after headers went out: clean SSE error event, else cut."""
-    if "event-stream" in content_type:
+def _error_samples(pipe: relay.Pipe, *, chunked: bool) -> tuple[bytes, bytes]:
+    """The first and last piece, unframed, for health.response_error; empty when they cannot hold an error.
+
+    Every error shape it finds names `error` or `isError`, so a piece without `rror` is not unframed at all.
+    """
+    first = pipe.first or b""
+    first = relay.body_sample(first, chunked=chunked) if b"rror" in first else b""
+    if pipe.last is pipe.first:
+        return first, first
+    last = relay.body_sample(pipe.last, chunked=chunked) if b"rror" in pipe.last else b""
+    return first, last
+
+
+class _Counted:
+    """An aiohttp response as the idle sweep watches it (its byte count, and a way to cut it)."""
+
+    __slots__ = ("_upstream",)
+
+    def __init__(self, upstream: aiohttp.ClientResponse) -> None:
+        self._upstream = upstream
+
+    @property
+    def total_bytes(self) -> int:
+        return self._upstream.content.total_bytes
+
+    def close(self) -> None:
+        self._upstream.close()
+
+
+def _judge(
+    bal: Balancer, backend: Backend, status: int, first: bytes, last: bytes, content_type: str
+) -> None:
+    """Count a finished response as the backend's success or failure (errors hidden in a 200 included)."""
+    backend.completed += 1
+    hidden = health.response_error(first, last, content_type=content_type) if status == 200 else None
+    if hidden is not None:
+        bal.outliers.failure(backend, hidden)
+    elif status >= 500:
+        bal.outliers.failure(backend, f"status_{status}")
+    else:
+        bal.outliers.success(backend)
+
+
+async def _end_broken(
+    request: web.Request, resp: web.StreamResponse, content_type: str, *, pipe: relay.Pipe | None
+) -> None:
+    """End a stream whose backend failed after headers went out: clean SSE error event, else cut.
+
+    On the protocol path (`pipe`) the event can only be added as a whole chunk between the backend's chunks.
+    """
+    if "event-stream" in content_type and not _client_gone(request) and resp.prepared:
         try:
-            await resp.write(TERMINAL_SSE_ERROR)
-            await resp.write_eof()
-            return
+            if pipe is None:
+                await resp.write(TERMINAL_SSE_ERROR)
+                await resp.write_eof()
+                return
+            if pipe.between_chunks and request.transport is not None:
+                request.transport.write(TERMINAL_SSE_CHUNK)
+                await resp.write_eof()
+                return
         except (ConnectionResetError, aiohttp.ClientError):
             pass
     if request.transport is not None:

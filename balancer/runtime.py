@@ -18,7 +18,7 @@ import ssl
 
 import aiohttp
 
-from balancer import drain, health, picking, sessions
+from balancer import drain, health, picking, relay, sessions
 from balancer.backends import Backend, Lease, Pool
 from balancer.config import BalancerConfig
 from contract import clock as clock_mod
@@ -63,7 +63,7 @@ class Balancer:
             if self.config.backend_cert is not None:
                 self.backend_ssl.load_cert_chain(str(self.config.backend_cert), str(self.config.backend_key))
         self.client = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ssl=self.backend_ssl if self.backend_ssl else True),
+            connector=relay.Connector(limit=0, ssl=self.backend_ssl if self.backend_ssl else True),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),

@@ -32,13 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = (
     str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 )
-FORESTALL = (
-    [str(ROOT / ".venv" / "bin" / "forestall")]
-    if (ROOT / ".venv" / "bin" / "forestall").exists()
-    else [PYTHON, "-m", "forestall"]
-)
-"""The console script of this tree's virtualenv, else this interpreter running `forestall` (a worktree
-sharing another checkout's virtualenv runs its own code through PYTHONPATH)."""
+FORESTALL = [PYTHON, "-m", "forestall"]
+"""The console script of this tree (run from ROOT, so a worktree measures its own code, not the installed one)."""
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_S = 30.0
 """How long a process may take to start listening before the benchmark gives up on it."""

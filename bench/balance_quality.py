@@ -14,8 +14,8 @@ Rows: NGINX `least_conn`, NGINX round robin (weighted), HAProxy `balance leastco
 default settings; and, as extras, each side's own way of knowing a backend's capacity: HAProxy `maxconn = slots`
 per server (HAProxy queues the rest) and Forestall `max_streams = slots` per backend (its admission queue).
 
-Target (issue 4): Forestall's TTFT p99 <= 0.5x NGINX least_conn's and <= 0.7x HAProxy leastconn's, with zero
-failed streams.
+Target (issue 12): Forestall's TTFT p99 <= 0.5x NGINX least_conn's with zero failed streams, capacity not told
+(the `forestall` row: weights only; it reads the emulated backends' vLLM metrics, on by default).
 
     .venv/bin/python -m bench.balance_quality               # records the BENCHMARKS.md section
     .venv/bin/python -m bench.balance_quality --requests 150 --no-record
@@ -149,10 +149,10 @@ def report(
         if row is None or "error" in row:
             continue
         vs_nginx, vs_haproxy = row["p99"] / nginx, row["p99"] / haproxy
-        met = vs_nginx <= 0.5 and vs_haproxy <= 0.7 and row["failed"] == 0
+        met = vs_nginx <= 0.5 and row["failed"] == 0
         lines.append(
-            f"\nTarget, {name}: TTFT p99 {vs_nginx:.2f}x NGINX least_conn's (<= 0.5x) and {vs_haproxy:.2f}x "
-            f"HAProxy leastconn's (<= 0.7x), {row['failed']} failed streams (0): {'met' if met else 'MISSED'}."
+            f"\nTarget, {name}: TTFT p99 {vs_nginx:.2f}x NGINX least_conn's (<= 0.5x), {row['failed']} failed "
+            f"streams (0): {'met' if met else 'MISSED'}. Beside HAProxy leastconn: {vs_haproxy:.2f}x."
         )
     failures = {name: row["errors"] for name, row in rows.items() if row.get("errors")}
     if failures:

@@ -17,8 +17,8 @@ from a `contract.clock.Clock`, so tests drive it with `FakeClock.advance()` inst
 What it does not do: tokenize, look at prompts (every token is the text " tok"), emulate KV-cache preemption,
 prefix caching or speculative decoding, or authenticate. It is a test and benchmark fixture, not a model server.
 
-Metrics follow vLLM, with its `model_name` label: `vllm:num_requests_running`, `vllm:num_requests_waiting`
-(gauges), `vllm:time_to_first_token_seconds` (histogram), `vllm:generation_tokens_total` and
+Metrics follow vLLM, with its `model_name` label: `vllm:num_requests_running`, `vllm:num_requests_waiting`,
+`vllm:kv_cache_usage_perc` (gauges; the cache is taken as full when every slot runs), `vllm:time_to_first_token_seconds` (histogram), `vllm:generation_tokens_total` and
 `vllm:request_success_total` (counters, updated once per finished request).
 """
 
@@ -181,7 +181,12 @@ class _GateCollector:
             "vllm:num_requests_waiting", "Requests waiting for a slot.", labels=["model_name"]
         )
         waiting.add_metric([name], self._emulator.gate.waiting)
-        return [running, waiting]
+        kv_cache = GaugeMetricFamily(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", labels=["model_name"]
+        )
+        gate = self._emulator.gate
+        kv_cache.add_metric([name], gate.running / gate.slots)  # each running request fills its share
+        return [running, waiting, kv_cache]
 
 
 def create_app(

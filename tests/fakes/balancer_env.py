@@ -79,6 +79,9 @@ async def balancer(
     """A balancer in front of `backends` (inline, present at startup) with config `settings`."""
     specs = [{"address": a, "weight": (weights or {}).get(a, 1.0)} for a in backends or []]
     values: dict[str, Any] = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "backends": specs}
+    # Scraping is on by default in production; here a test that scrapes says so, because the scraper's
+    # GET /metrics would otherwise reach the catch-all scripted backends and show up in what they record.
+    values["scrape_metrics"] = False
     values.update(settings)
     config = config_mod.BalancerConfig.model_validate(values)
     bal = Balancer(config, clock=clock)
@@ -130,3 +133,56 @@ async def scripted_backend(handler: Handler) -> tuple[web.AppRunner, str]:
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     return await start_app(app)
+
+
+RawScript = Callable[[int, bytes, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawBackend:
+    """An HTTP/1.1 backend at the socket level: `script(connection_index, request_head, writer)` writes whatever
+    bytes a test needs (odd splits, trailers, broken framing); requests without a body only. `connections` counts
+    accepted connections and `requests` lists (connection_index, request_line)."""
+
+    def __init__(self, script: RawScript) -> None:
+        self.script = script
+        self.connections = 0
+        self.requests: list[tuple[int, bytes]] = []
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.address = ""
+
+    async def __aenter__(self) -> RawBackend:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.address = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index = self.connections
+        self.connections += 1
+        self.writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                if length:
+                    await reader.readexactly(length)
+                self.requests.append((index, head.split(b"\r\n", 1)[0]))
+                await self.script(index, head, writer)
+                if writer.is_closing():
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
