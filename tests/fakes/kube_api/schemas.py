@@ -189,6 +189,14 @@ def default_resources(*, capacity_buffer_versions: Iterable[str] = ("v1beta1",))
         ResourceType("discovery.k8s.io", ("v1",), "endpointslices", "EndpointSlice"),
         ResourceType("scheduling.k8s.io", ("v1",), "priorityclasses", "PriorityClass", namespaced=False),
         ResourceType(
+            "apiextensions.k8s.io",
+            ("v1",),
+            "customresourcedefinitions",
+            "CustomResourceDefinition",
+            namespaced=False,
+            subresources=("status",),
+        ),
+        ResourceType(
             "forestall.dev",
             ("v1alpha1",),
             "scalingpolicies",

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from contract import clock as clock_mod
 from tests.fakes import crd_schema
+from tests.fakes.kube_api import cel_cost
 from tests.fakes.kube_api.rest import (
     REASONS,
     ApiCall,
@@ -482,6 +483,8 @@ class FakeKubeApi:
         if "spec" in body:
             meta["generation"] = 1
         body = self._check(rt.group, body, path or f"create {rt.plural}", rt)
+        if rt.plural == "customresourcedefinitions":
+            self._install_crd(body, path or "create customresourcedefinitions")
         meta = body["metadata"]
         meta["resourceVersion"] = self._next_rv()
         bucket[(ns, name)] = body
@@ -540,6 +543,40 @@ class FakeKubeApi:
                 },
             )
         return obj
+
+    def _install_crd(self, crd: Obj, path: str) -> None:
+        """The CEL cost check kube-apiserver runs on a new CRD (`cel_cost`), then serve its kind."""
+        problems = cel_cost.problems(crd)
+        if problems:
+            self.rejected.append((path, problems))
+            name = crd["metadata"]["name"]
+            raise ApiError(
+                422,
+                "Invalid",
+                f'CustomResourceDefinition.apiextensions.k8s.io "{name}" is invalid: ' + "; ".join(problems),
+                details={
+                    "name": name,
+                    "group": "apiextensions.k8s.io",
+                    "kind": "CustomResourceDefinition",
+                    "causes": [{"reason": "FieldValueForbidden", "message": p} for p in problems],
+                },
+            )
+        spec = crd["spec"]
+        if any(r.group == spec["group"] and r.plural == spec["names"]["plural"] for r in self.resources):
+            return
+        versions = tuple(v["name"] for v in spec["versions"] if v.get("served", True))
+        storage = next(v for v in spec["versions"] if v.get("storage"))
+        self.resources.append(
+            ResourceType(
+                spec["group"],
+                versions,
+                spec["names"]["plural"],
+                spec["names"]["kind"],
+                namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+                subresources=tuple(storage.get("subresources", {})),
+                crd_schema=storage["schema"]["openAPIV3Schema"],
+            )
+        )
 
     def _check_kind(self, rt: ResourceType, version: str, body: Obj) -> None:
         if body.get("kind") not in (None, rt.kind) or body.get("apiVersion") not in (
