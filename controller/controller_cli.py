@@ -2,7 +2,8 @@
 
 Credentials come from the pod's service account when it runs in a cluster, or a kubeconfig otherwise (as
 kubectl: `--kubeconfig`, else `$KUBECONFIG`, else `~/.kube/config`). It watches ScalingPolicies in one
-namespace or all, serves Prometheus metrics on `--metrics-port`, and with leader election (on by default,
+namespace or all, serves Prometheus metrics, `/healthz` and `/readyz` (`controller.health`) on
+`--metrics-port`, and with leader election (on by default,
 since the manifests run two replicas) only the Lease holder acts. SIGTERM and SIGINT stop it cleanly: the
 loop finishes the policy in hand, the Lease is released so the other replica takes over at once, and the
 watches are closed. Exit code 0 after a clean stop, 1 when it could not start (no API server, no caches).
@@ -57,7 +58,7 @@ def add_parser(subparsers: Any) -> None:
         type=int,
         default=8080,
         metavar="PORT",
-        help="port serving Prometheus metrics at /metrics (0 disables); default 8080",
+        help="port serving /metrics, /healthz and /readyz (0 disables); default 8080",
     )
     p.add_argument(
         "--metrics-address",
@@ -142,10 +143,8 @@ async def _main(args: argparse.Namespace) -> None:
     import asyncio
     import signal
 
-    from prometheus_client import start_http_server
-
     from contract import clock as clock_mod
-    from controller import demand, loop, metrics
+    from controller import demand, health, loop, metrics
     from controller.kube import api, lease
 
     api_client = api.load_client(
@@ -153,8 +152,6 @@ async def _main(args: argparse.Namespace) -> None:
     )
     identity = args.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     controller_metrics = metrics.ControllerMetrics()
-    if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.metrics_address, registry=controller_metrics.registry)
     elector = None
     if args.leader_election:
         elector = lease.LeaseElector(
@@ -184,6 +181,14 @@ async def _main(args: argparse.Namespace) -> None:
         elector=elector,
     )
     holder.append(controller)
+    runner = None
+    if args.metrics_port:
+        app = health.app(
+            registry=controller_metrics.registry,
+            live=controller.liveness_problems,
+            ready=controller.readiness_problems,
+        )
+        runner = await health.serve(app, host=args.metrics_address, port=args.metrics_port)
     stop = asyncio.Event()
     running = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -191,5 +196,7 @@ async def _main(args: argparse.Namespace) -> None:
     try:
         await controller.run(stop)
     finally:
+        if runner is not None:
+            await runner.cleanup()
         await demands.close()
         api_client.close()  # type: ignore[no-untyped-call]

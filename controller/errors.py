@@ -4,7 +4,8 @@
     ├── InvalidPolicy        a ScalingPolicy that fails validation (lines name field, value and fix)
     └── ClusterError         the Kubernetes API failed (kube.py translates ApiException)
         ├── Conflict         409: stale resourceVersion; requeue and retry with a fresh read
-        └── NotFound         404: the object is gone
+        ├── NotFound         404: the object is gone
+        └── Throttled        429 still refused after the retries; `retry_after_s` says when to come back
 
 Always `raise ... from exc` so the original error stays attached.
 """
@@ -34,3 +35,11 @@ class Conflict(ClusterError):
 
 class NotFound(ClusterError):
     """404 Not Found: the object does not exist (any more)."""
+
+
+class Throttled(ClusterError):
+    """429 Too Many Requests after the retries; the caller waits at least `retry_after_s` before the next try."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(message)

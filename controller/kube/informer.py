@@ -111,6 +111,10 @@ class Informer:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
+    def alive(self) -> bool:
+        """True while the watch thread runs (it never ends on its own before `stop()`)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait_synced(self, timeout_s: float) -> bool:
         return self.synced.wait(timeout_s)
 

@@ -9,6 +9,7 @@ import itertools
 import json
 import re
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -69,7 +70,14 @@ class FakeKubeApi:
         self.resource_version = 0
         self._history: list[tuple[int, str, ResourceType, Obj]] = []
         self._watchers: set[asyncio.Queue[tuple[str, ResourceType, Obj] | None]] = set()
-        self._injected: list[tuple[str, re.Pattern[str], int, int]] = []
+        self._injected: list[tuple[str, re.Pattern[str], int, int, float | None]] = []
+        self._hangs: list[tuple[str, re.Pattern[str], int]] = []
+        self._unhang = asyncio.Event()
+        self.hung = 0
+        """Requests currently held by `inject_hang`."""
+        self._site: web.TCPSite | None = None
+        self._down = False
+        self._port = 0
         self._runner: web.AppRunner | None = None
         self._skip_validation = False
         self.url = ""
@@ -83,11 +91,13 @@ class FakeKubeApi:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self._site = site
+        self._port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{self._port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._unhang.set()
         for queue in list(self._watchers):
             queue.put_nowait(None)
         if self._runner is not None:
@@ -122,9 +132,51 @@ class FakeKubeApi:
             and (subresource == "*" or c.subresource == subresource)
         ]
 
-    def inject_error(self, method: str, path_regex: str, status: int, *, times: int = 1) -> None:
-        """Answer the next `times` requests matching method and path with `status` (500, 503, 409, 429...)."""
-        self._injected.append((method.upper(), re.compile(path_regex), status, times))
+    def inject_error(
+        self, method: str, path_regex: str, status: int, *, times: int = 1, retry_after_s: float | None = None
+    ) -> None:
+        """Answer the next `times` requests matching method and path with `status` (500, 503, 409, 429...).
+
+        `method` "*" matches every method. `retry_after_s` adds a `Retry-After` header (with 429, as the
+        API server's priority-and-fairness throttling answers).
+        """
+        self._injected.append((method.upper(), re.compile(path_regex), status, times, retry_after_s))
+
+    def inject_hang(self, method: str, path_regex: str, *, times: int = 1) -> None:
+        """Hold the next `times` matching requests without answering until `release_hangs()` (or exit)."""
+        self._unhang.clear()
+        self._hangs.append((method.upper(), re.compile(path_regex), times))
+
+    def release_hangs(self) -> None:
+        """Let every held request go on (it is then served normally)."""
+        self._hangs.clear()
+        self._unhang.set()
+
+    def end_watches(self) -> None:
+        """Close every open watch (as an API server restart does); clients resume from their last version."""
+        for queue in list(self._watchers):
+            queue.put_nowait(None)
+
+    @contextlib.asynccontextmanager
+    async def outage(self) -> AsyncIterator[None]:
+        """A full outage: the listening socket closes (connections refused), open watches end; on exit the
+        server listens again on the same port with its store intact (an API server restart)."""
+        assert self._runner is not None and self._site is not None
+        self.end_watches()
+        self._down = True
+        await self._site.stop()
+        server = self._runner.server
+        for handler in list(getattr(server, "_connections", {})):  # kept-alive connections die too
+            handler.force_close()
+            if handler.transport is not None:
+                handler.transport.close()
+        try:
+            yield
+        finally:
+            self._down = False
+            site = web.TCPSite(self._runner, "127.0.0.1", self._port, reuse_address=True)
+            await site.start()
+            self._site = site
 
     def resource(self, group: str, plural: str) -> ResourceType:
         for rt in self.resources:
@@ -285,10 +337,12 @@ class FakeKubeApi:
     # --- HTTP ---------------------------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self._down and request.transport is not None:
+            request.transport.close()  # a connection that slipped in during an outage is cut, not served
         try:
             return await self._route(request)
         except ApiError as err:
-            return web.json_response(err.status(), status=err.code)
+            return web.json_response(err.status(), status=err.code, headers=err.headers)
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
@@ -329,7 +383,7 @@ class FakeKubeApi:
             # a watch answers when it ends, maybe after the test looked: record it as it starts
             self.recorded_calls.append(dataclass_replace(call, status=200))
         try:
-            self._maybe_inject(request)
+            await self._maybe_inject(request)
             response = await self._serve(request, rt, version, namespace, name, sub, verb)
         except ApiError as err:
             if self.record:
@@ -438,17 +492,30 @@ class FakeKubeApi:
         stored = self._replace(rt, current, new, path=request.path)
         return web.json_response(self._at_version(stored, rt, version))
 
-    def _maybe_inject(self, request: web.Request) -> None:
-        for index, (method, pattern, status, times) in enumerate(self._injected):
-            if method == request.method and pattern.search(request.path):
+    async def _maybe_inject(self, request: web.Request) -> None:
+        for index, (method, pattern, times) in enumerate(self._hangs):
+            if method in ("*", request.method) and pattern.search(request.path):
+                if times <= 1:
+                    del self._hangs[index]
+                else:
+                    self._hangs[index] = (method, pattern, times - 1)
+                self.hung += 1
+                try:
+                    await self._unhang.wait()
+                finally:
+                    self.hung -= 1
+                break
+        for index, (method, pattern, status, times, retry_after_s) in enumerate(self._injected):
+            if method in ("*", request.method) and pattern.search(request.path):
                 if times <= 1:
                     del self._injected[index]
                 else:
-                    self._injected[index] = (method, pattern, status, times - 1)
+                    self._injected[index] = (method, pattern, status, times - 1, retry_after_s)
                 message = f"injected {status}"
                 if status == 409:
                     message = "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again"
-                raise ApiError(status, REASONS.get(status, "InternalError"), message)
+                headers = {"Retry-After": f"{retry_after_s:g}"} if retry_after_s is not None else None
+                raise ApiError(status, REASONS.get(status, "InternalError"), message, headers=headers)
 
     # --- storage ------------------------------------------------------------------------------------------
 
