@@ -284,6 +284,10 @@ class Controller:
         ]
         if self.acting or self._requeue:
             waiters.append(asyncio.ensure_future(self.clock.sleep(max(0.0, timeout_s))))
+        elif self.elector is not None:
+            # A follower also looks again every retry period: leadership can lapse and come back (a stalled
+            # process past its renew deadline) without a transition being announced in between.
+            waiters.append(asyncio.ensure_future(self.clock.sleep(self.elector.retry_period_s)))
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:

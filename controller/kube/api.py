@@ -62,6 +62,11 @@ DEFAULT_QPS = 20.0
 DEFAULT_BURST = 40
 """Requests allowed at once above the sustained rate: a scale-up touching a few objects never waits."""
 
+URLLIB3_RETRIES = False
+"""urllib3's own retries are off (`Configuration.retries`): by default it silently retries a 429 or 503 that
+carries Retry-After, sleeping for however long the server asks on the calling thread, and retries refused
+connections; `call()` owns retries, so each is counted, logged and bounded."""
+
 _wait = threading.Event()
 """Never set: `_wait.wait(s)` is an interruptible blocking sleep for the retry backoff on worker threads."""
 
@@ -75,6 +80,7 @@ def load_client(
     inside a pod.
     """
     configuration = client.Configuration()
+    configuration.retries = URLLIB3_RETRIES
     if in_cluster or (in_cluster is None and kubeconfig is None):
         try:
             config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
@@ -131,6 +137,7 @@ def client_for(host: str) -> client.ApiClient:
     """An `ApiClient` for a plain-HTTP API server URL (tests, `kubectl proxy`)."""
     configuration = client.Configuration()
     configuration.host = host
+    configuration.retries = URLLIB3_RETRIES
     return client.ApiClient(configuration)
 
 

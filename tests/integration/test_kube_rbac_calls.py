@@ -137,7 +137,9 @@ async def test_every_call_the_controller_makes_is_granted_by_the_manifests() -> 
             for name in provisioners:
                 demand.level[name] = demand.forecast[name] = 0.0
             cycles = controller.cycles
-            await advance_until(clock, lambda: controller.cycles > cycles, "a second cycle", step_s=5.0)
+            # steps of one retry period: a jump past the renew deadline (4 s) is a stalled leader, which
+            # steps down until its next renewal
+            await advance_until(clock, lambda: controller.cycles > cycles, "a second cycle", step_s=1.0)
         finally:
             stop.set()
             await task
