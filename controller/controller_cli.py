@@ -110,6 +110,14 @@ def add_parser(subparsers: Any) -> None:
         help="how often the leader renews and a follower tries to acquire; default 2",
     )
     p.add_argument(
+        "--prometheus-url",
+        action="append",
+        metavar="URL",
+        help="a Prometheus URL prefix policies may name in demand.prometheus.url (repeat for several); "
+        "the controller fetches it under its own identity, so others are refused; "
+        "default: demand.prometheus.url's default, the Prometheus Operator's Service",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="treat every policy as mode dryRun: compute and report (status, events, metrics), change nothing",
@@ -144,7 +152,7 @@ async def _main(args: argparse.Namespace) -> None:
     import signal
 
     from contract import clock as clock_mod
-    from controller import demand, health, loop, metrics
+    from controller import demand, health, loop, metrics, policy
     from controller.kube import api, lease
 
     api_client = api.load_client(
@@ -168,7 +176,11 @@ async def _main(args: argparse.Namespace) -> None:
             retry_period_s=args.retry_period_s,
         )
     holder: list[loop.Controller] = []
-    demands = demand.Demands(balancer_endpoints=lambda ns, svc: holder[0].caches.service_addresses(ns, svc))
+    demands = demand.Demands(
+        balancer_endpoints=lambda ns, svc: holder[0].caches.service_addresses(ns, svc),
+        # unless the operator allows others, only the Prometheus a policy gets by default
+        allowed_prometheus_urls=args.prometheus_url or [policy.PrometheusDemand.model_fields["url"].default],
+    )
     controller = loop.Controller(
         api_client,
         demand=demands,

@@ -17,6 +17,11 @@
 - `Demands` is the loop's `DemandSource` (`controller.loop`): one `PolicyDemand` per policy, the balancer
   replicas looked up through a function the kube layer supplies (EndpointSlice addresses of the Service),
   one shared HTTP session, and each policy's latest problems in `errors(key)` (also logged).
+- The Prometheus URL a policy names is fetched under the controller's identity, from inside the cluster, so
+  a policy author could otherwise make the controller call any internal address. `url_refusal()` allows
+  only http/https, no credentials in the URL, and, when the controller is configured with an allowlist
+  (`forestall controller --prometheus-url`, default the Prometheus Operator's Service only), only URLs under
+  one of its entries. A refused URL is missing data (capacity held, `HistoryMissing`), with the reason.
 - `PolicyDemand` puts these together for one policy: each `read()` gives the history (with its forecast
   from `controller.forecasting`), the signals, and one line per problem, ready for `decide()`. The blocking
   parts (the Prometheus client, a forecaster's first fit) run on a thread so the event loop keeps serving.
@@ -33,6 +38,7 @@ import datetime as dt
 import ipaddress
 import logging
 import math
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -153,20 +159,41 @@ class PrometheusHistory:
                 raise _QueryError(f"no answer within {self.timeout_s:g} s") from exc
             except (requests.RequestException, ValueError) as exc:
                 raise _QueryError(f"unreachable: {_short(str(exc))}") from exc
+            except (KeyError, TypeError, AttributeError) as exc:  # the client indexing a body of odd shape
+                raise _QueryError(f"unexpected answer to a range query: {_short(repr(exc))}") from exc
             if not isinstance(result, list):
                 raise _QueryError(f"unexpected answer to a range query: {_short(repr(result))}")
             if len(result) > 1:
-                labels = ", ".join(str(s.get("metric", {})) for s in result[:3])
+                labels = ", ".join(str(s.get("metric", {}) if isinstance(s, dict) else s) for s in result[:3])
                 raise _QueryError(
                     f"the query returned {len(result)} series ({labels}), it must return one: "
                     f"wrap it in sum(...) (query: {self.query})"
                 )
-            for t, v in result[0].get("values", []) if result else []:
-                i = round((float(t) - start) / self.step_s)
-                if lo <= i < hi:
-                    value = float(v)
-                    out[i] = value if math.isfinite(value) and value >= 0 else np.nan
+            if result:
+                self._fill(out, result[0], start=start, lo=lo, hi=hi)
         return out
+
+    def _fill(self, out: FloatArray, series: object, *, start: float, lo: int, hi: int) -> None:
+        """Put one matrix series' samples into `out`; an answer of any other shape is a `_QueryError`.
+
+        Prometheus answers a range query with `[{"metric": {...}, "values": [[t, "v"], ...]}]`. A proxy,
+        a different server or a bug can answer anything else (a vector's single `value`, a non-numeric
+        value, a one-element pair): that is missing data, said clearly, never an exception out of `read()`.
+        """
+        if not isinstance(series, dict) or not isinstance(series.get("values"), list):
+            kind = "an instant vector" if isinstance(series, dict) and "value" in series else "no sample list"
+            raise _QueryError(f"unexpected answer to a range query ({kind}): {_short(repr(series))}")
+        for sample in series["values"]:
+            try:
+                t, v = sample
+                when, value = float(t), float(v)
+            except (TypeError, ValueError) as exc:
+                raise _QueryError(f"unexpected sample {_short(repr(sample))} in the answer: {exc}") from exc
+            if not math.isfinite(when):
+                raise _QueryError(f"unexpected sample time {t!r} in the answer")
+            i = round((when - start) / self.step_s)
+            if lo <= i < hi:
+                out[i] = value if math.isfinite(value) and value >= 0 else np.nan
 
     def _merge(self, first: float, start: float, new: FloatArray) -> None:
         ts, vs = self.timestamps_, self.values_
@@ -359,17 +386,63 @@ class DemandReading:
     """One sentence per problem (Prometheus, a balancer replica, the forecast), for logs and conditions."""
 
 
+def url_refusal(url: str, allowed: Sequence[str] | None) -> str | None:
+    """Why the controller must not fetch this Prometheus URL (None: it may).
+
+    `allowed` holds URL prefixes (`https://prometheus.monitoring.svc:9090`, optionally with a path); a URL
+    is allowed when its scheme, host and port equal an entry's and its path starts with the entry's path
+    at a `/` boundary. `None` allows any http/https URL (library and lab use; the controller passes its
+    configured list). The message never repeats credentials.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "demand.prometheus.url is not a valid URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"demand.prometheus.url must be an http or https URL with a host, got scheme {parts.scheme!r}"
+    if parts.username is not None or parts.password is not None:
+        return "demand.prometheus.url must not carry credentials: remove the user:password@ part"
+    if allowed is None:
+        return None
+    shown = f"{parts.scheme}://{parts.hostname}{f':{port}' if port else ''}{parts.path}"
+    for entry in allowed:
+        ok = urllib.parse.urlsplit(entry)
+        if (ok.scheme, ok.hostname, _port(ok)) != (parts.scheme, parts.hostname, _port(parts)):
+            continue
+        base = ok.path.rstrip("/")
+        if parts.path == base or parts.path.startswith(base + "/") or not base:
+            return None
+    return (
+        f"demand.prometheus.url {shown} is not allowed by the controller's configuration "
+        "(forestall controller --prometheus-url): ask the operator to allow it, or use an allowed Prometheus"
+    )
+
+
+def _port(parts: urllib.parse.SplitResult) -> int:
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
 class PolicyDemand:
     """The demand input of one policy across reconciles: cached history, forecaster, signals history."""
 
-    def __init__(self, spec: policy.ScalingPolicySpec, *, refit_every_s: float = 3600.0) -> None:
+    def __init__(
+        self,
+        spec: policy.ScalingPolicySpec,
+        *,
+        refit_every_s: float = 3600.0,
+        allowed_prometheus_urls: Sequence[str] | None = None,
+    ) -> None:
         self.spec = spec
         self.refit_every_s = refit_every_s
+        self.allowed_prometheus_urls = allowed_prometheus_urls
         prom = spec.demand.prometheus
         fc = spec.forecast
+        self.refused_ = None if prom is None else url_refusal(prom.url, allowed_prometheus_urls)
+        """Why the policy's Prometheus URL is not fetched (None: it is, or there is none)."""
         self.prometheus_: PrometheusHistory | None = (
             None
-            if prom is None
+            if prom is None or self.refused_ is not None
             else PrometheusHistory(prom.url, prom.query, step_s=fc.step_s, history_s=fc.history_s)
         )
         self.signals_history_ = SignalsHistory(step_s=fc.step_s, history_s=fc.history_s)
@@ -381,7 +454,9 @@ class PolicyDemand:
             self.spec = spec
             return self
         self.close()
-        return PolicyDemand(spec, refit_every_s=self.refit_every_s)
+        return PolicyDemand(
+            spec, refit_every_s=self.refit_every_s, allowed_prometheus_urls=self.allowed_prometheus_urls
+        )
 
     async def read(
         self,
@@ -409,6 +484,8 @@ class PolicyDemand:
                 prom_task = tg.create_task(asyncio.to_thread(self.prometheus_.read, now))
         if spec.demand.balancer is not None and session is None:
             errors.append("no HTTP session to read balancer signals with")
+        if self.refused_ is not None:
+            errors.append(self.refused_)
         history: decide.DemandHistory | None = None
         if prom_task is not None:
             prom_reading = prom_task.result()
@@ -421,7 +498,7 @@ class PolicyDemand:
         if sig_reading is not None:
             snapshot = sig_reading.snapshot
             errors.extend(sig_reading.errors)
-        if self.prometheus_ is None:
+        if self.prometheus_ is None and self.refused_ is None:
             if snapshot is not None and not snapshot.unreachable:
                 self.signals_history_.add(now, float(snapshot.active_streams + snapshot.admission_queue))
             history = self.signals_history_.history()
@@ -455,6 +532,8 @@ class Demands:
         balancer_endpoints: looks up a balancer Service's ready endpoint addresses; without it, policies
             that name a balancer get no signals (and `decide()` holds their capacity, `SignalsMissing`).
         signals_timeout_s: per balancer replica.
+        allowed_prometheus_urls: URL prefixes policies may name as their Prometheus (`url_refusal`);
+            None allows any http/https URL.
     """
 
     def __init__(
@@ -463,8 +542,10 @@ class Demands:
         balancer_endpoints: EndpointLookup | None = None,
         signals_timeout_s: float = SIGNALS_TIMEOUT_S,
         refit_every_s: float = 3600.0,
+        allowed_prometheus_urls: Sequence[str] | None = None,
     ) -> None:
         self.balancer_endpoints = balancer_endpoints
+        self.allowed_prometheus_urls = allowed_prometheus_urls
         self.signals_timeout_s = signals_timeout_s
         self.refit_every_s = refit_every_s
         self._policies: dict[tuple[str, str], PolicyDemand] = {}
@@ -478,7 +559,9 @@ class Demands:
         key = (meta.namespace, meta.name)
         current = self._policies.get(key)
         pd = (
-            PolicyDemand(spec, refit_every_s=self.refit_every_s)
+            PolicyDemand(
+                spec, refit_every_s=self.refit_every_s, allowed_prometheus_urls=self.allowed_prometheus_urls
+            )
             if current is None
             else current.for_spec(spec)
         )

@@ -92,14 +92,18 @@ class Caches:
         """Addresses of a Service's ready endpoints, from its EndpointSlices (no API call: the cache).
 
         This is the `balancer_endpoints` lookup of `controller.demand.Demands`: it finds the balancer
-        replicas to ask for `/signals`. Endpoints that are not ready, or terminating, are left out.
+        replicas to ask for `/signals`. Every endpoint whose `serving` is not false counts, terminating or
+        not: a terminating balancer replica still relays its streams for up to its grace period, and the
+        pods reached only through it would look empty (and be removed mid-stream) if it were not asked.
+        Without `serving` (older API servers), `ready` decides.
         """
         slices = self.endpointslices.by_label(namespace, {SERVICE_NAME_LABEL: service})
         addresses: set[str] = set()
         for eps in slices:
             for endpoint in eps.get("endpoints") or []:
                 conditions = endpoint.get("conditions") or {}
-                if conditions.get("ready") is False or conditions.get("terminating"):
+                serving = conditions.get("serving")
+                if serving is False or (serving is None and conditions.get("ready") is False):
                     continue
                 addresses.update(endpoint.get("addresses") or [])
         return sorted(addresses)

@@ -368,7 +368,9 @@ async def test_provisioning_request_is_renewed_before_its_booking_lapses(env: En
     assert env.api.objects(group, "provisioningrequests", NS) == []
 
 
-async def test_balancer_replicas_are_found_through_ready_endpoints(env: Env) -> None:
+async def test_balancer_replicas_are_found_through_serving_endpoints_terminating_or_not(env: Env) -> None:
+    """Regression: terminating-but-serving balancer replicas were dropped, so the pods reached only through
+    them looked empty (and could be removed mid-stream) while the snapshot still counted as complete."""
     env.api.put(
         {
             "apiVersion": "discovery.k8s.io/v1",
@@ -380,13 +382,21 @@ async def test_balancer_replicas_are_found_through_ready_endpoints(env: Env) -> 
             },
             "addressType": "IPv4",
             "endpoints": [
-                {"addresses": ["10.1.0.1"], "conditions": {"ready": True}},
-                {"addresses": ["10.1.0.2"], "conditions": {"ready": False}},
-                {"addresses": ["10.1.0.3"], "conditions": {"ready": True, "terminating": True}},
+                {"addresses": ["10.1.0.1"], "conditions": {"ready": True, "serving": True}},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": False, "serving": False}},
+                {
+                    "addresses": ["10.1.0.3"],
+                    "conditions": {"ready": False, "serving": True, "terminating": True},
+                },
+                {
+                    "addresses": ["10.1.0.4"],
+                    "conditions": {"ready": False, "serving": False, "terminating": True},
+                },
+                {"addresses": ["10.1.0.5"], "conditions": {"ready": True}},  # no `serving`: ready decides
             ],
             "ports": [{"name": "admin", "port": 8081, "protocol": "TCP"}],
         }
     )
     await eventually(lambda: env.caches.service_addresses(NS, "balancer") != [], "slice cached")
-    assert env.caches.service_addresses(NS, "balancer") == ["10.1.0.1"]
+    assert env.caches.service_addresses(NS, "balancer") == ["10.1.0.1", "10.1.0.3", "10.1.0.5"]
     assert env.caches.service_addresses(NS, "other") == []
