@@ -5,7 +5,8 @@
     └── ClusterError         the Kubernetes API failed (kube.py translates ApiException)
         ├── Conflict         409: stale resourceVersion; requeue and retry with a fresh read
         ├── NotFound         404: the object is gone
-        └── Throttled        429 still refused after the retries; `retry_after_s` says when to come back
+        ├── Throttled        429 still refused after the retries; `retry_after_s` says when to come back
+        └── Refused          the cluster holds something that makes the policy unsafe to act on; `reason`
 
 Always `raise ... from exc` so the original error stays attached.
 """
@@ -42,4 +43,13 @@ class Throttled(ClusterError):
 
     def __init__(self, message: str, *, retry_after_s: float) -> None:
         self.retry_after_s = retry_after_s
+        super().__init__(message)
+
+
+class Refused(ClusterError):
+    """The policy cannot be acted on safely as the cluster stands (e.g. a placeholder PriorityClass that would
+    preempt real pods); `reason` is the condition reason to report."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
         super().__init__(message)

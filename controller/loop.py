@@ -422,7 +422,8 @@ class Controller:
             log.warning("%s/%s: reconcile failed: %s", *key, exc)
             if isinstance(exc, errors.Throttled):
                 self._retry_after[key] = exc.retry_after_s
-            await self._report_safely(known, obj, "ClusterError", str(exc))
+            reason = exc.reason if isinstance(exc, errors.Refused) else "ClusterError"
+            await self._report_safely(known, obj, reason, str(exc))
             return False
         except Exception:  # a bug must cost one policy one cycle, never the whole controller
             self.metrics.reconcile_errors.labels(*key).inc()

@@ -312,11 +312,10 @@ class CapacityBufferProvisioner(_Model):
 class PlaceholderProvisioner(_Model):
     """Settings for `provisioner.type: placeholder`: low-priority pods that hold GPUs until evicted."""
 
-    priority_class_name: str = Field("forestall-placeholder", min_length=1)
-    """PriorityClass of the placeholder pods: negative value, `preemptionPolicy: Never`."""
-
-    image: str = Field("registry.k8s.io/pause:3.10", min_length=1)
-    """Image the placeholder pods run; pause does nothing and is small."""
+    priority_class_name: str = Field("forestall-placeholder", min_length=1, max_length=253)
+    """PriorityClass of the placeholder pods: it must have a negative value and `preemptionPolicy: Never`
+    (the controller creates `forestall-placeholder` so; a class that could preempt real pods refuses the
+    policy). The pods run the controller's pause image, which a policy cannot change."""
 
 
 class ProvisioningRequestProvisioner(_Model):

@@ -2,8 +2,12 @@
 
 Each provisioner answers `status() -> (provisioned_gpus, pending_gpus)` and does `provision(gpus)` (0
 releases everything it holds). Capacity is counted in replica-shaped chunks: `ceil(gpus / gpusPerReplica)`
-pods, each requesting `gpusPerReplica` of `capacity.gpuResourceName` and copying the target's scheduling
-constraints (nodeSelector, affinity, tolerations), so the nodes that come up are the ones the real pods fit.
+pods shaped like one of the target's pods (`pod_spec()`): every container's requests and limits (a vLLM pod
+needs its 4 CPUs and 32 GiB on the same node as its GPU, or Karpenter picks the cheapest one-GPU node where
+the real pod does not fit), and the target's nodeSelector, affinity, tolerations,
+topologySpreadConstraints, runtimeClassName and schedulerName. The containers run the controller's own
+image (`PLACEHOLDER_IMAGE`, pause), never one a policy names, under a securityContext that passes the
+`restricted` Pod Security Standard, so they are admitted wherever the workers are.
 
 - `pods`: nothing extra; scaling the target ahead of the peak leaves pods pending, which is what Karpenter
   and cluster-autoscaler react to.
@@ -12,7 +16,9 @@ constraints (nodeSelector, affinity, tolerations), so the nodes that come up are
   v1beta1, then v1alpha1), because clusters run different cluster-autoscaler releases.
 - `placeholder`: low-priority pods of a PriorityClass with a negative value and `preemptionPolicy: Never`
   (created if absent): they hold nodes, never push anything out, and the scheduler evicts them the moment a
-  real pod needs the GPUs.
+  real pod needs the GPUs. A named PriorityClass that exists with a value >= 0 or another preemption policy
+  refuses the policy (`errors.Refused`, reason `PriorityClassRefused`): placeholders at that priority
+  would preempt real workloads.
 - `provisioningRequest`: a cluster-autoscaler ProvisioningRequest for the chunks, with a PodTemplate. Its
   spec is immutable, so a new count means a new request. Capacity is booked only for a limited time after
   `Provisioned=True` (`provisioner.provisioningRequest.bookingSeconds`, about 10 minutes in
@@ -58,6 +64,39 @@ RENEW_MARGIN_S = 60.0
 
 PLACEHOLDER_PRIORITY = -10
 """Below the default 0, so every ordinary pod preempts a placeholder."""
+
+PLACEHOLDER_IMAGE = "registry.k8s.io/pause:3.10"
+"""The only image capacity-holding pods run: it does nothing, is small, and is the controller's choice,
+not a policy author's (the controller creates pods under its own grant)."""
+
+NON_ROOT_UID = 65535
+"""The pause image's own non-root user."""
+
+SCHEDULING_FIELDS = (
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+    "topologySpreadConstraints",
+    "runtimeClassName",
+    "schedulerName",
+)
+"""Pod spec fields that decide where a pod may land: copied from the target so capacity comes up where the
+workers fit."""
+
+RESTRICTED_POD_SECURITY: Obj = {
+    "runAsNonRoot": True,
+    "runAsUser": NON_ROOT_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+"""Pod-level securityContext meeting the `restricted` Pod Security Standard."""
+
+RESTRICTED_CONTAINER_SECURITY: Obj = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+}
+"""Container-level securityContext meeting the `restricted` Pod Security Standard."""
 
 
 class Provisioner(Protocol):
@@ -122,24 +161,28 @@ class _Base:
     def labels(self) -> dict[str, str]:
         return {POLICY_LABEL: self.name}
 
-    def pod_spec(self, *, image: str = "registry.k8s.io/pause:3.10") -> Obj:
-        """A replica-shaped pod spec: the target's scheduling constraints, a pause container with the GPUs."""
+    def pod_spec(self) -> Obj:
+        """One replica-shaped pod spec: the target's containers' resources and scheduling fields, run as
+        the controller's pause image under a restricted securityContext (see the module docstring)."""
         ref = self.spec.scale_target_ref
         target = self.caches.workloads(ref.kind).get(self.namespace, ref.name) or {}
         template = target.get("spec", {}).get("template", {}).get("spec", {})
-        gpus = str(self.spec.capacity.gpus_per_replica)
-        resources = {self.spec.capacity.gpu_resource_name: gpus}
+        gpu = self.spec.capacity.gpu_resource_name
+        containers = [_holder(c) for c in template.get("containers") or []]
+        if not any(gpu in c["resources"].get("requests", {}) for c in containers):
+            # no target (yet) or one that does not ask for the GPU: hold the GPUs one replica needs
+            want = {gpu: str(self.spec.capacity.gpus_per_replica)}
+            containers.append(_holder({"name": "capacity", "resources": {"requests": want, "limits": want}}))
         spec: Obj = {
-            "containers": [
-                {
-                    "name": "capacity",
-                    "image": image,
-                    "resources": {"requests": resources, "limits": resources},
-                }
-            ],
+            "containers": containers,
             "terminationGracePeriodSeconds": 0,
+            "automountServiceAccountToken": False,
+            "securityContext": dict(RESTRICTED_POD_SECURITY),
         }
-        for key in ("nodeSelector", "affinity", "tolerations"):
+        init = [_holder(c) for c in template.get("initContainers") or [] if (c.get("resources") or {})]
+        if init:
+            spec["initContainers"] = init
+        for key in SCHEDULING_FIELDS:
             if template.get(key):
                 spec[key] = template[key]
         return spec
@@ -165,6 +208,23 @@ class _Base:
                 api.call(self.core.replace_namespaced_pod_template, name, self.namespace, body)
                 del body["metadata"]["resourceVersion"]
         _ENSURED[key] = body
+
+
+def _holder(container: Obj) -> Obj:
+    """A pause container with the resources of `container` (requests defaulted from limits, as the API
+    server does) and a restricted securityContext."""
+    resources = container.get("resources") or {}
+    limits = dict(resources.get("limits") or {})
+    requests = {**limits, **(resources.get("requests") or {})}
+    out: Obj = {
+        "name": container["name"],
+        "image": PLACEHOLDER_IMAGE,
+        "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+        "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
+    }
+    if container.get("restartPolicy"):
+        out["restartPolicy"] = container["restartPolicy"]  # a native sidecar counts beside the containers
+    return out
 
 
 _ENSURED: dict[tuple[str, str, str], Obj] = {}
@@ -286,13 +346,18 @@ class Placeholder:
         return len(pods) * per, pending * per
 
     def ensure_priority_class(self) -> None:
+        """Create the PriorityClass if absent; refuse one that exists and could preempt real pods.
+
+        Raises:
+            errors.Refused: the class has a value >= 0 or a preemptionPolicy other than Never.
+        """
         scheduling = client.SchedulingV1Api(self.base.api_client)
         name = self.settings.priority_class_name
         key = (self.base.api_client.configuration.host, name)
         if key in _PRIORITY_CLASSES:
             return
         try:
-            api.call(scheduling.read_priority_class, name)
+            found = api.call(scheduling.read_priority_class, name)
         except errors.NotFound:
             body = {
                 "apiVersion": "scheduling.k8s.io/v1",
@@ -307,6 +372,15 @@ class Placeholder:
                 api.call(scheduling.create_priority_class, body)
             except errors.Conflict:
                 pass  # another replica created it first
+        else:
+            value, preemption = found.get("value", 0), found.get("preemptionPolicy", "PreemptLowerPriority")
+            if value >= 0 or preemption != "Never":
+                raise errors.Refused(
+                    "PriorityClassRefused",
+                    f"provisioner.placeholder.priorityClassName {name!r} has value {value} and preemptionPolicy "
+                    f"{preemption}: placeholders must have a negative value and preemptionPolicy Never, or they "
+                    "would preempt real pods; name another class or remove the field to use forestall-placeholder",
+                )
         _PRIORITY_CLASSES.add(key)
 
     def provision(self, gpus: int) -> None:
@@ -325,7 +399,7 @@ class Placeholder:
                     "labels": labels,
                 },
                 "spec": {
-                    **self.base.pod_spec(image=self.settings.image),
+                    **self.base.pod_spec(),
                     "priorityClassName": self.settings.priority_class_name,
                 },
             }

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from contract import clock as clock_mod
 from tests.fakes import crd_schema
-from tests.fakes.kube_api import cel_cost
+from tests.fakes.kube_api import admission, cel_cost
 from tests.fakes.kube_api.rest import (
     REASONS,
     ApiCall,
@@ -65,6 +65,8 @@ class FakeKubeApi:
         self.nonresource_calls: list[tuple[str, str]] = []
         self.rejected: list[tuple[str, list[str]]] = []
         """(path, problems) of every write refused with 422, so tests can show nothing invalid slipped by."""
+        self.forbidden: list[tuple[str, list[str]]] = []
+        """(path, problems) of every pod refused by Pod Security admission (403)."""
         self.store: dict[tuple[str, str], dict[tuple[str, str], Obj]] = {}
         self._rv = itertools.count(1)
         self.resource_version = 0
@@ -424,6 +426,8 @@ class FakeKubeApi:
             self._check_kind(rt, version, body)
             if rt.namespaced:
                 body.setdefault("metadata", {})["namespace"] = ns
+            if rt.plural == "pods" and not rt.group:
+                self._admit_pod(ns, body, request.path)
             created = self._create(rt, version, ns, body, path=request.path)
             return web.json_response(self._at_version(created, rt, version), status=201)
         assert name is not None
@@ -610,6 +614,20 @@ class FakeKubeApi:
                 },
             )
         return obj
+
+    def _admit_pod(self, namespace: str, pod: Obj, path: str) -> None:
+        """Pod Security admission: the level the namespace's `enforce` label names (`admission`)."""
+        ns_obj = self.store.get(("", "namespaces"), {}).get(("", namespace)) or {}
+        level = (ns_obj.get("metadata", {}).get("labels") or {}).get(admission.ENFORCE_LABEL, "privileged")
+        problems = admission.violations(pod, level)
+        if problems:
+            self.forbidden.append((path, problems))
+            name = pod.get("metadata", {}).get("name") or pod.get("metadata", {}).get("generateName", "")
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'pods "{name}" is forbidden: violates PodSecurity "{level}:latest": ' + ", ".join(problems),
+            )
 
     def _install_crd(self, crd: Obj, path: str) -> None:
         """The CEL cost check kube-apiserver runs on a new CRD (`cel_cost`), then serve its kind."""
