@@ -5,6 +5,7 @@
     └── ClusterError         the Kubernetes API failed (kube.py translates ApiException)
         ├── Conflict         409: stale resourceVersion; requeue and retry with a fresh read
         ├── NotFound         404: the object is gone
+        ├── Forbidden        403: RBAC does not grant the call
         ├── Throttled        429 still refused after the retries; `retry_after_s` says when to come back
         └── Refused          the cluster holds something that makes the policy unsafe to act on; `reason`
 
@@ -36,6 +37,10 @@ class Conflict(ClusterError):
 
 class NotFound(ClusterError):
     """404 Not Found: the object does not exist (any more)."""
+
+
+class Forbidden(ClusterError):
+    """403 Forbidden: the controller's RBAC does not grant the call (or admission refused a pod)."""
 
 
 class Throttled(ClusterError):

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from contract import clock as clock_mod
 from controller import acting, backoff, cluster, decide, errors, metrics, policy
 from controller.kube import cluster as kube_cluster
-from controller.kube import lease, reporting
+from controller.kube import finalizing, lease, reporting
 
 log = logging.getLogger(__name__)
 
@@ -390,6 +390,8 @@ class Controller:
         known = self._state.setdefault(key, _Policy(key))
         try:
             parsed = self._parse(known, obj)
+            if await asyncio.to_thread(self._finalize, known, obj, parsed):
+                return True
             if parsed is None:
                 await asyncio.to_thread(self._report_invalid, known, obj)
                 return True
@@ -436,6 +438,31 @@ class Controller:
             await asyncio.to_thread(self._report_failure, known, obj, reason, message)
         except Exception as exc:
             log.warning("%s/%s: could not report %s: %s", *known.key, reason, exc)
+
+    def _finalize(self, known: _Policy, obj: Obj, parsed: policy.ScalingPolicy | None) -> bool:
+        """The finalizer's lifecycle (`controller.kube.finalizing`), blocking; True when the policy is being
+        deleted (cleaned up here, nothing else to do).
+
+        An active policy gets the finalizer before anything is acted on; a policy being deleted, or moved to
+        dry run, has what it held released and its marks removed, then loses the finalizer.
+        """
+        meta = obj["metadata"]
+        deleting = bool(meta.get("deletionTimestamp"))
+        if self.dry_run:
+            return deleting  # a --dry-run controller writes nothing but status and Events (and may not)
+        dry = parsed is not None and parsed.spec.mode == "dryRun"
+        held = finalizing.has_finalizer(obj)
+        if deleting or (dry and held):
+            if held:
+                done = kube_cluster.release_policy(
+                    self.api_client, self.caches, namespace=known.key[0], name=known.key[1]
+                )
+                log.info("%s/%s: %s; released %s", *known.key, "deleted" if deleting else "dry run", done)
+                finalizing.set_finalizer(self.api_client, obj, present=False)
+            return deleting
+        if parsed is not None and not dry and not held:
+            finalizing.set_finalizer(self.api_client, obj, present=True)
+        return False
 
     def _parse(self, known: _Policy, obj: Obj) -> policy.ScalingPolicy | None:
         generation = obj["metadata"].get("generation")

@@ -9,6 +9,7 @@ Errors are translated here and nowhere else, keeping the client's exception as t
 
 - 409 -> `errors.Conflict` (the object changed since it was read: re-read and retry, or requeue);
 - 404 -> `errors.NotFound`;
+- 403 -> `errors.Forbidden` (RBAC does not grant the call);
 - 429, 500, 502, 503, 504 and connection failures are temporary: retried with exponential backoff
   (`RETRY_DELAYS_S`), logged as "attempt #2/4 failed; will retry", then `errors.ClusterError`. A 429's
   `Retry-After` is honoured: the retry waits at least that long, and a wait longer than
@@ -148,6 +149,8 @@ def translate(exc: kube_exceptions.ApiException) -> errors.ClusterError:
         return errors.Conflict(message)
     if exc.status == 404:
         return errors.NotFound(message)
+    if exc.status == 403:
+        return errors.Forbidden(message)
     if exc.status == 429:
         return errors.Throttled(message, retry_after_s=_retry_after_s(exc) or RETRY_DELAYS_S[-1])
     return errors.ClusterError(message)

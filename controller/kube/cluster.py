@@ -30,7 +30,7 @@ from kubernetes import client
 
 from contract import clock as clock_mod
 from controller import cluster, errors, policy
-from controller.kube import api, informer, provisioners
+from controller.kube import api, finalizing, informer, provisioners
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +147,18 @@ class KubeCluster:
         self._node_samples: dict[str, float] = {}
         self._node_order: deque[str] = deque(maxlen=LEAD_TIME_SAMPLES)
         self._pod_states: dict[tuple[str, str], cluster.PodState] = {}
+        self._release_others = False
         self.update_policy(scaling_policy)
 
     def update_policy(self, scaling_policy: policy.ScalingPolicy) -> None:
-        """Follow a changed policy without losing measured lead times or the deletion costs written."""
+        """Follow a changed policy without losing measured lead times or the deletion costs written.
+
+        A switch of provisioner type releases what the old type holds, at the next `state()` (on a worker
+        thread: this method runs on the event loop and does no I/O).
+        """
+        old = getattr(self, "spec", None)
+        if old is not None and old.provisioner.type != scaling_policy.spec.provisioner.type:
+            self._release_others = True
         self.policy = scaling_policy
         self.namespace = scaling_policy.metadata.namespace
         self.spec = scaling_policy.spec
@@ -172,6 +180,22 @@ class KubeCluster:
         return obj
 
     def state(self) -> cluster.ClusterState:
+        if self._release_others:
+            done = provisioners.release_all(
+                self.api_client,
+                self.caches,
+                namespace=self.namespace,
+                name=self.policy.metadata.name,
+                keep=self.spec.provisioner.type,
+            )
+            self._release_others = False
+            if done:
+                log.info(
+                    "%s/%s: provisioner switched; released %s",
+                    self.namespace,
+                    self.policy.metadata.name,
+                    done,
+                )
         target = self.target()
         gpus_per_replica = self.spec.capacity.gpus_per_replica
         raw_pods = self.pods(target)
@@ -260,19 +284,43 @@ class KubeCluster:
             return
 
     def annotate(self, pod: str, annotations: Mapping[str, str | None]) -> None:
+        """Set (or, with None, remove) pod annotations, recording the ones cleanup must undo.
+
+        A deletion cost is written when the pod has none or still has the one this controller wrote (so a
+        raised cost can be lowered again); a different value is someone else's and is left alone
+        (`state()` reports it as overwritten).
+        """
         current = self.caches.pods.get(self.namespace, pod)
         if current is None:
             raise errors.NotFound(f"pod {self.namespace}/{pod} not found")
         have = current["metadata"].get("annotations") or {}
+        written = finalizing.wrote(current)
         patch: dict[str, str | None] = {}
         for key, value in annotations.items():
-            if key == cluster.DELETION_COST_ANNOTATION and value is not None and pod in self._costs_set:
-                continue  # set once; a different value now is someone else's, reported by state()
+            if key == cluster.DELETION_COST_ANNOTATION and value is not None:
+                found = have.get(key)
+                ours = written.get(key, self._costs_set.get(pod))
+                if found is not None and found != ours:
+                    continue  # someone else's value: reported by state(), never fought over
             if have.get(key) != value:
                 patch[key] = value
+                if key in finalizing.OWNED_KEYS:
+                    if value is None:
+                        written.pop(key, None)
+                    else:
+                        written[key] = value
         if not patch:
             return
-        body = {"metadata": {"annotations": patch}}
+        marker = finalizing.record(self.policy.metadata.name, written)
+        if marker != have.get(finalizing.WROTE_ANNOTATION):
+            patch[finalizing.WROTE_ANNOTATION] = marker
+        self._patch_annotations(pod, patch)
+        cost = patch.get(cluster.DELETION_COST_ANNOTATION)
+        if cost is not None:
+            self._costs_set[pod] = cost
+
+    def _patch_annotations(self, pod: str, patch: Mapping[str, str | None]) -> None:
+        body = {"metadata": {"annotations": dict(patch)}}
         written = api.call(
             client.CoreV1Api(self.api_client).patch_namespaced_pod,
             pod,
@@ -281,9 +329,14 @@ class KubeCluster:
             _content_type="application/merge-patch+json",
         )
         self.caches.pods.apply(written)
-        cost = patch.get(cluster.DELETION_COST_ANNOTATION)
-        if cost is not None:
-            self._costs_set[pod] = cost
+
+    def release(self) -> list[str]:
+        """The finalizer's work for this policy (`release_policy`)."""
+        self._costs_set.clear()
+        self._overwritten.clear()
+        return release_policy(
+            self.api_client, self.caches, namespace=self.namespace, name=self.policy.metadata.name
+        )
 
     def provision(self, gpus: int) -> None:
         self.provisioner.provision(gpus)
@@ -338,6 +391,33 @@ class KubeCluster:
                     found,
                 )
                 self._overwritten[name] = found if found is not None else ""
+
+
+def release_policy(api_client: client.ApiClient, caches: Caches, *, namespace: str, name: str) -> list[str]:
+    """The finalizer's work (`controller.kube.finalizing`): release all capacity held for policy `name` and
+    remove the annotations this controller wrote on its pods; one line per object touched. Needs no parsed
+    spec, so a policy deleted while invalid is cleaned up too."""
+    done = provisioners.release_all(api_client, caches, namespace=namespace, name=name)
+    core = client.CoreV1Api(api_client)
+    for obj in caches.pods.items(namespace):
+        if finalizing.owner_of_record(obj) != name:
+            continue
+        patch = finalizing.unmark_patch(obj)
+        if not patch:
+            continue
+        try:
+            written = api.call(
+                core.patch_namespaced_pod,
+                obj["metadata"]["name"],
+                namespace,
+                {"metadata": {"annotations": patch}},
+                _content_type="application/merge-patch+json",
+            )
+        except errors.NotFound:
+            continue
+        caches.pods.apply(written)
+        done.append(f"unmarked pod {obj['metadata']['name']}")
+    return done
 
 
 # --- object -> state ---------------------------------------------------------------------------------------

@@ -25,6 +25,11 @@ image (`PLACEHOLDER_IMAGE`, pause), never one a policy names, under a securityCo
   cluster-autoscaler); while the capacity is still wanted the controller renews the request
   `RENEW_MARGIN_S` before the booking lapses by creating a fresh one and deleting the old.
 
+Everything a provisioner creates carries an ownerReference to its ScalingPolicy (`owner_references()`), so
+Kubernetes' garbage collector removes it with the policy whatever happens to the controller, and the label
+`forestall.dev/policy`, by which `release_all()` finds and deletes it when the policy is deleted, switches
+provisioner type or moves to dryRun (the finalizer's work, `controller.kube.finalizing`).
+
 What this module does not do: decide how many GPUs to hold (`decide()` does) or read demand.
 """
 
@@ -161,6 +166,14 @@ class _Base:
     def labels(self) -> dict[str, str]:
         return {POLICY_LABEL: self.name}
 
+    def metadata(self, **meta: Any) -> Obj:
+        """Metadata of an object this provisioner creates: namespace, labels, owner."""
+        out: Obj = {"namespace": self.namespace, "labels": self.labels(), **meta}
+        owners = owner_references(self.policy)
+        if owners:
+            out["ownerReferences"] = owners
+        return out
+
     def pod_spec(self) -> Obj:
         """One replica-shaped pod spec: the target's containers' resources and scheduling fields, run as
         the controller's pause image under a restricted securityContext (see the module docstring)."""
@@ -192,7 +205,7 @@ class _Base:
         body: Obj = {
             "apiVersion": "v1",
             "kind": "PodTemplate",
-            "metadata": {"name": name, "namespace": self.namespace, "labels": self.labels()},
+            "metadata": self.metadata(name=name),
             "template": {"metadata": {"labels": self.labels()}, "spec": self.pod_spec()},
         }
         key = (self.api_client.configuration.host, self.namespace, name)
@@ -225,6 +238,112 @@ def _holder(container: Obj) -> Obj:
     if container.get("restartPolicy"):
         out["restartPolicy"] = container["restartPolicy"]  # a native sidecar counts beside the containers
     return out
+
+
+def owner_references(scaling_policy: policy.ScalingPolicy) -> list[Obj]:
+    """The ownerReference to a ScalingPolicy (none before the API server gave it a uid).
+
+    `blockOwnerDeletion` is left unset: setting it needs the `update` verb on the policy's finalizers
+    subresource, and the finalizer already orders the cleanup.
+    """
+    uid = scaling_policy.metadata.uid
+    if not uid:
+        return []
+    return [
+        {
+            "apiVersion": policy.API_VERSION,
+            "kind": policy.KIND,
+            "name": scaling_policy.metadata.name,
+            "uid": uid,
+            "controller": True,
+        }
+    ]
+
+
+def release_all(
+    api_client: client.ApiClient,
+    caches: kube_cluster.Caches,
+    *,
+    namespace: str,
+    name: str,
+    keep: str | None = None,
+) -> list[str]:
+    """Delete everything the provisioners made for policy `name` (labelled `forestall.dev/policy`), except
+    the objects of provisioner type `keep`; returns one line per deleted object.
+
+    Kinds the server does not serve (no CapacityBuffer CRD, no ProvisioningRequest CRD) are skipped.
+    """
+    core = client.CoreV1Api(api_client)
+    custom = client.CustomObjectsApi(api_client)
+    selector = f"{POLICY_LABEL}={name}"
+    done: list[str] = []
+    if keep != "placeholder":
+        for pod in caches.pods.by_label(namespace, {POLICY_LABEL: name, PLACEHOLDER_LABEL: "true"}):
+            _delete(core.delete_namespaced_pod, pod["metadata"]["name"], namespace)
+            caches.pods.apply(pod, deleted=True)
+            done.append(f"pod {pod['metadata']['name']}")
+    kinds = [("capacityBuffer", "capacitybuffers"), ("provisioningRequest", "provisioningrequests")]
+    kept_templates: set[str] = set()
+    for kind, plural in kinds:
+        version = _served_version(api_client, plural)
+        if version is None:
+            continue
+        try:
+            listed = api.call(
+                custom.list_namespaced_custom_object,
+                CAPACITY_GROUP,
+                version,
+                namespace,
+                plural,
+                label_selector=selector,
+            )
+        except errors.Forbidden:
+            continue  # not granted (no cluster-autoscaler overlay): the controller never made any
+        for item in listed.get("items", []):
+            item_name = item["metadata"]["name"]
+            if kind == keep:
+                spec = item.get("spec", {})
+                refs = [spec.get("podTemplateRef")] + [
+                    ps.get("podTemplateRef") for ps in spec.get("podSets", [])
+                ]
+                kept_templates.update(r["name"] for r in refs if r and r.get("name"))
+                continue
+            _delete(
+                custom.delete_namespaced_custom_object, CAPACITY_GROUP, version, namespace, plural, item_name
+            )
+            done.append(f"{plural} {item_name}")
+    try:
+        templates = api.call(core.list_namespaced_pod_template, namespace, label_selector=selector)
+    except errors.Forbidden:
+        templates = {}  # not granted (no cluster-autoscaler overlay): the controller never made any
+    for item in templates.get("items", []):
+        item_name = item["metadata"]["name"]
+        if item_name in kept_templates:
+            continue
+        _delete(core.delete_namespaced_pod_template, item_name, namespace)
+        _ENSURED.pop((api_client.configuration.host, namespace, item_name), None)
+        done.append(f"podtemplate {item_name}")
+    return done
+
+
+def _served_version(api_client: client.ApiClient, plural: str) -> str | None:
+    versions = CAPACITY_BUFFER_VERSIONS if plural == "capacitybuffers" else (PROVISIONING_REQUEST_VERSION,)
+    custom = client.CustomObjectsApi(api_client)
+    for version in versions:
+        try:
+            found = api.call(custom.get_api_resources, CAPACITY_GROUP, version)
+        except errors.NotFound:
+            continue
+        if any(r.get("name") == plural for r in found.get("resources", [])):
+            return version
+    return None
+
+
+def _delete(fn: Any, *args: Any) -> None:
+    try:
+        api.call(fn, *args)
+    except errors.NotFound:
+        pass  # already gone
 
 
 _ENSURED: dict[tuple[str, str, str], Obj] = {}
@@ -293,11 +412,7 @@ class CapacityBuffer:
             body = {
                 "apiVersion": f"{CAPACITY_GROUP}/{version}",
                 "kind": "CapacityBuffer",
-                "metadata": {
-                    "name": self.buffer_name,
-                    "namespace": self.base.namespace,
-                    "labels": self.base.labels(),
-                },
+                "metadata": self.base.metadata(name=self.buffer_name),
                 "spec": {"podTemplateRef": {"name": self.buffer_name}, "replicas": chunks},
             }
             api.call(
@@ -394,8 +509,7 @@ class Placeholder:
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {
-                    "generateName": f"{self.base.name}-placeholder-",
-                    "namespace": self.base.namespace,
+                    **self.base.metadata(generateName=f"{self.base.name}-placeholder-"),
                     "labels": labels,
                 },
                 "spec": {
@@ -496,11 +610,7 @@ class ProvisioningRequest:
             body = {
                 "apiVersion": f"{CAPACITY_GROUP}/{PROVISIONING_REQUEST_VERSION}",
                 "kind": "ProvisioningRequest",
-                "metadata": {
-                    "generateName": f"{self.base.name}-",
-                    "namespace": self.base.namespace,
-                    "labels": self.base.labels(),
-                },
+                "metadata": self.base.metadata(generateName=f"{self.base.name}-"),
                 "spec": {
                     "provisioningClassName": self.settings.provisioning_class_name,
                     "podSets": [{"podTemplateRef": {"name": self.template_name}, "count": want}],

@@ -189,11 +189,12 @@ async def test_annotate_merges_removes_and_skips_what_is_already_there(env: Env)
         await env.call(kc.annotate, "gone", {cluster.DRAIN_ANNOTATION: "1"})
 
 
-async def test_deletion_cost_is_set_once_and_an_overwrite_is_reported(env: Env) -> None:
+async def test_our_deletion_cost_can_be_raised_and_lowered_and_an_overwrite_is_reported(env: Env) -> None:
+    """Regression: a deletion cost was set once and never changed, so a raised cost could not be lowered."""
     kc = env.cluster()
     pod = pod_names(env.api)[0]
+    await env.call(kc.annotate, pod, {cluster.DELETION_COST_ANNOTATION: "100"})
     await env.call(kc.annotate, pod, {cluster.DELETION_COST_ANNOTATION: "-5"})
-    await env.call(kc.annotate, pod, {cluster.DELETION_COST_ANNOTATION: "-7"})
     stored = env.api.get("", "pods", NS, pod)
     assert stored is not None and stored["metadata"]["annotations"][cluster.DELETION_COST_ANNOTATION] == "-5"
     await env.call(kc.state)

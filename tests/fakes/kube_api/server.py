@@ -65,6 +65,8 @@ class FakeKubeApi:
         self.nonresource_calls: list[tuple[str, str]] = []
         self.rejected: list[tuple[str, list[str]]] = []
         """(path, problems) of every write refused with 422, so tests can show nothing invalid slipped by."""
+        self.garbage_collected: list[tuple[str, str, str]] = []
+        """(resource, namespace, name) of every object deleted because its owner went."""
         self.forbidden: list[tuple[str, list[str]]] = []
         """(path, problems) of every pod refused by Pod Security admission (403)."""
         self.store: dict[tuple[str, str], dict[tuple[str, str], Obj]] = {}
@@ -224,10 +226,44 @@ class FakeKubeApi:
         return self._replace(rt, existing, obj)
 
     def delete(self, group: str, plural: str, namespace: str, name: str) -> None:
+        """Delete as kube-apiserver does: an object with finalizers only gets a `deletionTimestamp` (and a
+        new generation) and goes when its last finalizer is removed; then its dependents (ownerReferences
+        naming its uid) are garbage-collected, in the background propagation order."""
         rt = self.resource(group, plural)
-        obj = self.store.get((group, plural), {}).pop((namespace, name))
+        current = self.store.get((group, plural), {}).get((namespace, name))
+        if current is None:
+            raise KeyError(f"{plural} {namespace}/{name} not found")
+        meta = current["metadata"]
+        if meta.get("finalizers"):
+            if not meta.get("deletionTimestamp"):
+                marked = copy.deepcopy(current)
+                marked["metadata"]["deletionTimestamp"] = clock_mod.utc_iso(self.clock.now())
+                marked["metadata"]["generation"] = int(meta.get("generation", 0)) + 1
+                marked["metadata"]["resourceVersion"] = self._next_rv()
+                self.store[(group, plural)][(namespace, name)] = marked
+                self._announce("MODIFIED", rt, marked)
+            return
+        self._remove(rt, current)
+
+    def _remove(self, rt: ResourceType, obj: Obj) -> None:
+        meta = obj["metadata"]
+        self.store[(rt.group, rt.plural)].pop((meta.get("namespace", ""), meta["name"]), None)
+        obj = copy.deepcopy(obj)
         obj["metadata"]["resourceVersion"] = self._next_rv()
         self._announce("DELETED", rt, obj)
+        self._collect(meta.get("uid"))
+
+    def _collect(self, owner_uid: str | None) -> None:
+        """Garbage collection: delete every object with an ownerReference to `owner_uid`."""
+        if not owner_uid:
+            return
+        for (group, plural), bucket in list(self.store.items()):
+            for (ns, name), obj in list(bucket.items()):
+                refs = obj["metadata"].get("ownerReferences") or []
+                if any(ref.get("uid") == owner_uid for ref in refs):
+                    if (ns, name) in bucket:
+                        self.garbage_collected.append((plural, ns, name))
+                        self.delete(group, plural, ns, name)
 
     def compact(self) -> None:
         """Forget all watch history (like etcd compaction): older resourceVersions now answer 410."""
@@ -485,7 +521,9 @@ class FakeKubeApi:
             return web.json_response(scale_of(stored))
         self._check_kind(rt, version, body)
         new = copy.deepcopy(body)
-        new["metadata"] = {**current["metadata"], **mutable_meta(body.get("metadata", {}))}
+        # the server owns uid, timestamps...; the client's body says the rest (absent finalizers: none)
+        owned = {k: v for k, v in current["metadata"].items() if k not in mutable_meta(current["metadata"])}
+        new["metadata"] = {**owned, **mutable_meta(body.get("metadata", {}))}
         if sub == "status":
             new = {**copy.deepcopy(current), "status": body.get("status")}
             new["metadata"] = current["metadata"]
@@ -574,6 +612,8 @@ class FakeKubeApi:
         ns, name = new["metadata"].get("namespace", ""), new["metadata"]["name"]
         self.store[(rt.group, rt.plural)][(ns, name)] = new
         self._announce("MODIFIED", rt, new)
+        if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+            self._remove(rt, new)  # the last finalizer went: the deletion completes
         return copy.deepcopy(new)
 
     def _check(
