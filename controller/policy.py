@@ -321,10 +321,15 @@ class PlaceholderProvisioner(_Model):
 class ProvisioningRequestProvisioner(_Model):
     """Settings for `provisioner.type: provisioningRequest` (cluster-autoscaler ProvisioningRequest)."""
 
-    provisioning_class_name: Literal[
-        "best-effort-atomic-scale-up.autoscaling.x-k8s.io", "check-capacity.autoscaling.x-k8s.io"
-    ] = "best-effort-atomic-scale-up.autoscaling.x-k8s.io"
-    """How cluster-autoscaler treats the request; atomic scale-up provisions all nodes or none."""
+    provisioning_class_name: str = Field(
+        "best-effort-atomic-scale-up.autoscaling.x-k8s.io",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    )
+    """How the request is served: `best-effort-atomic-scale-up.autoscaling.x-k8s.io` provisions all nodes or
+    none; `check-capacity.autoscaling.x-k8s.io` only checks (never counted as held); provider classes such as
+    GKE's `queued-provisioning.gke.io` are passed through as named."""
 
     booking_s: float = Field(600.0, gt=0)
     """How long capacity stays booked once provisioned; cluster-autoscaler releases it after about 10 min,

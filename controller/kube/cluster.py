@@ -73,7 +73,21 @@ class Caches:
             discovery.list_namespaced_endpoint_slice, discovery.list_endpoint_slice_for_all_namespaces
         )
         self.endpointslices = informer.Informer(eps_fn, *eps_args, name="endpointslices")
-        self.all = (self.pods, self.deployments, self.statefulsets, self.nodes, self.endpointslices)
+        autoscaling = client.AutoscalingV2Api(api_client)
+        hpa_fn, hpa_args = scoped(
+            autoscaling.list_namespaced_horizontal_pod_autoscaler,
+            autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces,
+        )
+        self.hpas = informer.Informer(hpa_fn, *hpa_args, name="horizontalpodautoscalers")
+        """HPAs (KEDA's ScaledObjects create one too): a target they scale is left to them."""
+        self.all = (
+            self.pods,
+            self.deployments,
+            self.statefulsets,
+            self.nodes,
+            self.endpointslices,
+            self.hpas,
+        )
         self._node_memo: dict[str, tuple[str, tuple[cluster.NodeState, ...]]] = {}
         self._node_lock = threading.Lock()
 
@@ -107,6 +121,19 @@ class Caches:
                     continue
                 addresses.update(endpoint.get("addresses") or [])
         return sorted(addresses)
+
+    def other_scaler(self, namespace: str, kind: str, name: str) -> str | None:
+        """Who else scales this workload: "HorizontalPodAutoscaler <name>" or "KEDA ScaledObject <name>"
+        (KEDA scales through an HPA it owns), or None."""
+        for hpa in self.hpas.items(namespace):
+            ref = hpa.get("spec", {}).get("scaleTargetRef") or {}
+            if ref.get("kind") != kind or ref.get("name") != name:
+                continue
+            for owner in hpa["metadata"].get("ownerReferences") or []:
+                if owner.get("kind") == "ScaledObject":
+                    return f"KEDA ScaledObject {owner.get('name')}"
+            return f"HorizontalPodAutoscaler {hpa['metadata']['name']}"
+        return None
 
     def workloads(self, kind: str) -> informer.Informer:
         return self.deployments if kind == "Deployment" else self.statefulsets
@@ -197,6 +224,14 @@ class KubeCluster:
                     done,
                 )
         target = self.target()
+        ref = self.spec.scale_target_ref
+        other = self.caches.other_scaler(self.namespace, ref.kind, ref.name)
+        if other is not None:
+            raise errors.Refused(
+                "ScaledByOther",
+                f"{ref.kind} {self.namespace}/{ref.name} is also scaled by {other}: Forestall leaves it alone "
+                "rather than fight over its replicas; remove the other autoscaler, or this policy",
+            )
         gpus_per_replica = self.spec.capacity.gpus_per_replica
         raw_pods = self.pods(target)
         known, self._pod_states = self._pod_states, {}

@@ -64,6 +64,11 @@ CAPACITY_BUFFER_VERSIONS = ("v1", "v1beta1", "v1alpha1")
 """Newest first: the first the server serves `capacitybuffers` at is used."""
 
 PROVISIONING_REQUEST_VERSION = "v1"
+CHECK_CAPACITY_CLASS = "check-capacity.autoscaling.x-k8s.io"
+"""A ProvisioningRequest class that only checks whether capacity exists; it never counts as held."""
+
+CONSUME_ANNOTATION = "autoscaling.x-k8s.io/consume-provisioning-request"
+"""Pod annotation naming the ProvisioningRequest whose booked capacity the pod may use."""
 RENEW_MARGIN_S = 60.0
 """Renew a ProvisioningRequest this long before its booking lapses: one reconcile interval plus slack."""
 
@@ -554,7 +559,10 @@ class ProvisioningRequest:
             label_selector=f"{POLICY_LABEL}={self.base.name}",
         )
         items: list[Obj] = body.get("items", [])
-        return sorted(items, key=lambda o: int(o["metadata"].get("resourceVersion", 0)))
+        # oldest first by creation time (name breaks ties within a second); a resourceVersion is opaque
+        return sorted(
+            items, key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"])
+        )
 
     def _count(self, request: Obj) -> int:
         return sum(int(ps.get("count", 0)) for ps in request.get("spec", {}).get("podSets", []))
@@ -572,6 +580,8 @@ class ProvisioningRequest:
         )
 
     def status(self) -> tuple[int, int]:
+        if self.settings.provisioning_class_name == CHECK_CAPACITY_CLASS:
+            return 0, 0  # check-capacity only answers whether capacity exists: it adds and holds nothing
         per = self.base.spec.capacity.gpus_per_replica
         provisioned = pending = 0
         now = self.base.clock.now()
@@ -605,6 +615,11 @@ class ProvisioningRequest:
                     now - since,
                 )
                 keep = False
+        if not keep:
+            # delete before create: a renewal must not book the capacity twice, even for a moment
+            for request in requests:
+                self._delete(request["metadata"]["name"])
+            requests = []
         if want > 0 and not keep:
             self.base.ensure_pod_template(self.template_name)
             body = {
@@ -629,14 +644,45 @@ class ProvisioningRequest:
             keep_name = current["metadata"]["name"] if current is not None and want > 0 else ""
         for request in requests:
             if request["metadata"]["name"] != keep_name:
-                try:
-                    api.call(
-                        self.base.custom.delete_namespaced_custom_object,
-                        CAPACITY_GROUP,
-                        PROVISIONING_REQUEST_VERSION,
-                        self.base.namespace,
-                        "provisioningrequests",
-                        request["metadata"]["name"],
-                    )
-                except errors.NotFound:
-                    pass
+                self._delete(request["metadata"]["name"])
+        if keep_name:
+            self._bind_pending_pods(keep_name)
+
+    def _delete(self, name: str) -> None:
+        _delete(
+            self.base.custom.delete_namespaced_custom_object,
+            CAPACITY_GROUP,
+            PROVISIONING_REQUEST_VERSION,
+            self.base.namespace,
+            "provisioningrequests",
+            name,
+        )
+
+    def _bind_pending_pods(self, request_name: str) -> None:
+        """Mark the target's unscheduled pods to consume the request's booked capacity: cluster-autoscaler
+        only lets pods carrying `CONSUME_ANNOTATION` (naming the request) onto the nodes it booked."""
+        ref = self.base.spec.scale_target_ref
+        target = self.base.caches.workloads(ref.kind).get(self.base.namespace, ref.name)
+        if target is None:
+            return
+        labels = target.get("spec", {}).get("selector", {}).get("matchLabels") or {}
+        core = client.CoreV1Api(self.base.api_client)
+        for pod in self.base.caches.pods.by_label(self.base.namespace, labels):
+            meta = pod["metadata"]
+            if pod.get("spec", {}).get("nodeName") or meta.get("deletionTimestamp"):
+                continue
+            if PLACEHOLDER_LABEL in (meta.get("labels") or {}):
+                continue
+            if (meta.get("annotations") or {}).get(CONSUME_ANNOTATION) == request_name:
+                continue
+            try:
+                written = api.call(
+                    core.patch_namespaced_pod,
+                    meta["name"],
+                    self.base.namespace,
+                    {"metadata": {"annotations": {CONSUME_ANNOTATION: request_name}}},
+                    _content_type="application/merge-patch+json",
+                )
+            except errors.NotFound:
+                continue
+            self.base.caches.pods.apply(written)

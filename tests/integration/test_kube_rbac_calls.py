@@ -47,6 +47,8 @@ CORE_CALLS = {
     ("", "nodes", "watch"),
     ("discovery.k8s.io", "endpointslices", "list"),
     ("discovery.k8s.io", "endpointslices", "watch"),
+    ("autoscaling", "horizontalpodautoscalers", "list"),
+    ("autoscaling", "horizontalpodautoscalers", "watch"),
     ("scheduling.k8s.io", "priorityclasses", "get"),
     ("events.k8s.io", "events", "create"),
     ("coordination.k8s.io", "leases", "get"),

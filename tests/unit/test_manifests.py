@@ -878,6 +878,7 @@ def test_controller_grants_are_exactly_what_it_uses(rendered: dict[str, list[Obj
         ("", "pods"),
         ("", "nodes"),
         ("discovery.k8s.io", "endpointslices"),
+        ("autoscaling", "horizontalpodautoscalers"),  # a target an HPA or KEDA scales is left alone
     }
     assert ("scheduling.k8s.io", "priorityclasses", "get") in grants["*"]
     # Leader election: Leases in its own namespace only, never cluster-wide.

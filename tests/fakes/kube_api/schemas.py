@@ -185,6 +185,13 @@ def default_resources(*, capacity_buffer_versions: Iterable[str] = ("v1beta1",))
         ResourceType("apps", ("v1",), "deployments", "Deployment", subresources=("status", "scale")),
         ResourceType("apps", ("v1",), "statefulsets", "StatefulSet", subresources=("status", "scale")),
         ResourceType("coordination.k8s.io", ("v1",), "leases", "Lease"),
+        ResourceType(
+            "autoscaling",
+            ("v2",),
+            "horizontalpodautoscalers",
+            "HorizontalPodAutoscaler",
+            subresources=("status",),
+        ),
         ResourceType("events.k8s.io", ("v1",), "events", "Event"),
         ResourceType("discovery.k8s.io", ("v1",), "endpointslices", "EndpointSlice"),
         ResourceType("scheduling.k8s.io", ("v1",), "priorityclasses", "PriorityClass", namespaced=False),
