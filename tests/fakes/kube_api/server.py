@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import itertools
@@ -75,12 +76,14 @@ class FakeKubeApi:
         self._history: list[tuple[int, str, ResourceType, Obj]] = []
         self._watchers: set[asyncio.Queue[tuple[str, ResourceType, Obj] | None]] = set()
         self._injected: list[tuple[str, re.Pattern[str], int, int, float | None]] = []
-        self._hangs: list[tuple[str, re.Pattern[str], int]] = []
+        self._hangs: list[tuple[str, re.Pattern[str], int, re.Pattern[str]]] = []
         self._unhang = asyncio.Event()
         self.hung = 0
         """Requests currently held by `inject_hang`."""
         self._site: web.TCPSite | None = None
         self._down = False
+        self._compacted_rv = 0
+        """History before this version is gone: continue tokens from before it answer 410."""
         self._port = 0
         self._runner: web.AppRunner | None = None
         self._skip_validation = False
@@ -146,10 +149,11 @@ class FakeKubeApi:
         """
         self._injected.append((method.upper(), re.compile(path_regex), status, times, retry_after_s))
 
-    def inject_hang(self, method: str, path_regex: str, *, times: int = 1) -> None:
-        """Hold the next `times` matching requests without answering until `release_hangs()` (or exit)."""
+    def inject_hang(self, method: str, path_regex: str, *, times: int = 1, query_regex: str = "") -> None:
+        """Hold the next `times` matching requests (path, and query string when given) without answering
+        until `release_hangs()` (or exit)."""
         self._unhang.clear()
-        self._hangs.append((method.upper(), re.compile(path_regex), times))
+        self._hangs.append((method.upper(), re.compile(path_regex), times, re.compile(query_regex)))
 
     def release_hangs(self) -> None:
         """Let every held request go on (it is then served normally)."""
@@ -268,6 +272,7 @@ class FakeKubeApi:
     def compact(self) -> None:
         """Forget all watch history (like etcd compaction): older resourceVersions now answer 410."""
         self._history.clear()
+        self._compacted_rv = self.resource_version
 
     # --- the ReplicaSet controller and the kubelet, run when the test says ----------------------------------
 
@@ -446,12 +451,28 @@ class FakeKubeApi:
             return await self._watch(request, rt, version, namespace)
         if verb == "list":
             items = self._select(rt, namespace, query.get("labelSelector"), query.get("fieldSelector"))
+            limit = int(query.get("limit") or 0)
+            list_rv, start = self.resource_version, 0
+            if query.get("continue"):
+                list_rv, start = _decode_continue(query["continue"])
+                if list_rv < self._compacted_rv:
+                    raise ApiError(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent list result. "
+                        "You can start a new list without the continue parameter.",
+                    )
+            page = items[start : start + limit] if limit else items[start:]
+            meta: Obj = {"resourceVersion": str(list_rv)}
+            if limit and start + limit < len(items):
+                meta["continue"] = _encode_continue(list_rv, start + limit)
+                meta["remainingItemCount"] = len(items) - start - limit
             return web.json_response(
                 {
                     "apiVersion": rt.api_version(version),
                     "kind": f"{rt.kind}List",
-                    "metadata": {"resourceVersion": str(self.resource_version)},
-                    "items": [self._at_version(o, rt, version) for o in items],
+                    "metadata": meta,
+                    "items": [self._at_version(o, rt, version) for o in page],
                 }
             )
         ns = namespace or ""
@@ -535,12 +556,16 @@ class FakeKubeApi:
         return web.json_response(self._at_version(stored, rt, version))
 
     async def _maybe_inject(self, request: web.Request) -> None:
-        for index, (method, pattern, times) in enumerate(self._hangs):
-            if method in ("*", request.method) and pattern.search(request.path):
+        for index, (method, pattern, times, query) in enumerate(self._hangs):
+            if (
+                method in ("*", request.method)
+                and pattern.search(request.path)
+                and query.search(request.query_string)
+            ):
                 if times <= 1:
                     del self._hangs[index]
                 else:
-                    self._hangs[index] = (method, pattern, times - 1)
+                    self._hangs[index] = (method, pattern, times - 1, query)
                 self.hung += 1
                 try:
                     await self._unhang.wait()
@@ -737,6 +762,7 @@ class FakeKubeApi:
         self._history.append((int(obj["metadata"]["resourceVersion"]), kind, rt, snapshot))
         if len(self._history) > HISTORY_LIMIT:
             del self._history[: len(self._history) - HISTORY_LIMIT]
+            self._compacted_rv = self._history[0][0] - 1
         for queue in self._watchers:
             queue.put_nowait((kind, rt, snapshot))
 
@@ -888,3 +914,16 @@ class FakeKubeApi:
             "groupVersion": f"{group}/{version}" if group else version,
             "resources": resources,
         }
+
+
+def _encode_continue(resource_version: int, offset: int) -> str:
+    """An opaque continue token (kube-apiserver's is base64 JSON too: the version and where to resume)."""
+    return base64.urlsafe_b64encode(json.dumps({"rv": resource_version, "start": offset}).encode()).decode()
+
+
+def _decode_continue(token: str) -> tuple[int, int]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return int(data["rv"]), int(data["start"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ApiError(400, "BadRequest", f"invalid continue token: {exc}") from exc
