@@ -862,11 +862,11 @@ def test_controller_grants_are_exactly_what_it_uses(rendered: dict[str, list[Obj
         ("forestall.dev", "scalingpolicies/status", "patch"),
         ("apps", "deployments/scale", "update"),
         ("apps", "statefulsets/scale", "update"),
-        ("", "pods", "patch"),
-        ("", "pods", "create"),
-        ("", "pods", "delete"),
         ("events.k8s.io", "events", "create"),
     }
+    # pod writes only where models run: a RoleBinding per model namespace, never cluster-wide
+    per_namespace = rbac_grants(rendered["base"] + rendered["examples"], "forestall-controller")
+    assert _write(per_namespace["llm"]) == {("", "pods", v) for v in ("patch", "create", "delete")}
     assert not any(v == "get" and r in ("pods", "nodes", "deployments") for _, r, v in grants["*"]), (
         "caches list"
     )
@@ -1052,7 +1052,7 @@ def test_every_typed_client_call_in_the_controller_is_granted(rendered: dict[str
     (ScalingPolicies, CapacityBuffers, ProvisioningRequests) name their resource in arguments and are left to
     that e2e test. `create_priority_class` is the one call not granted: the base ships the PriorityClass.
     """
-    grants = rbac_grants(rendered["cluster-autoscaler"], "forestall-controller")
+    grants = rbac_grants(rendered["cluster-autoscaler"] + rendered["examples"], "forestall-controller")
     granted = set().union(*grants.values())
     needed: dict[Grant, str] = {}
     for path in sorted((ROOT / "controller").rglob("*.py")):
