@@ -98,6 +98,10 @@ class ClusterState:
     measured_model_load_s: float | None = None
     """Median measured container running -> Ready, None until measured."""
 
+    removal_order: Literal["deletion-cost", "highest-ordinal"] = "deletion-cost"
+    """Which pods a scale-down removes: a ReplicaSet honours pod-deletion-cost (so any drained pod can go);
+    a StatefulSet always removes its highest ordinals, so only those may be drained for removal."""
+
     @property
     def ready_replicas(self) -> int:
         return sum(1 for pod in self.pods if pod.phase == "ready")

@@ -600,6 +600,8 @@ def _scale_down(
             p.name,
         ),
     )
+    if state.removal_order == "highest-ordinal":  # a StatefulSet removes its highest ordinals, whatever we drain
+        candidates = sorted(serving, key=lambda p: -_ordinal(p.name))
     chosen = candidates[: min(excess, budget)]
     if chosen:
         loads = ", ".join(f"{p.name} ({inputs.pod_load.get(p.name, 0)})" for p in chosen)
@@ -611,6 +613,12 @@ def _scale_down(
             )
         )
     return chosen
+
+
+def _ordinal(pod_name: str) -> int:
+    """A StatefulSet pod's ordinal (`name-3` -> 3); -1 when the name has none."""
+    tail = pod_name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def _removable(

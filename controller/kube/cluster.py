@@ -256,6 +256,7 @@ class KubeCluster:
             measured_node_provisioning_s=_median(self._node_samples.values()),
             measured_pod_start_s=_median(s[0] for s in pods_med),
             measured_model_load_s=_median(s[1] for s in pods_med),
+            removal_order="highest-ordinal" if ref.kind == "StatefulSet" else "deletion-cost",
         )
 
     def pods(self, target: Obj | None = None) -> list[Obj]:

@@ -163,3 +163,16 @@ async def test_a_target_scaled_by_an_hpa_or_keda_gets_a_condition_and_is_left_al
     assert named in ready["message"]
     with pytest.raises(errors.Refused):
         await asyncio.to_thread(env.controller._state[(NS, "chat")].cluster.state)  # type: ignore[union-attr]
+
+
+async def test_a_statefulset_target_reports_highest_ordinal_removal(env: Env) -> None:
+    env.api.put(kube_api.deployment("llm", NS, replicas=2, kind="StatefulSet"))
+    env.api.run_workloads()
+    await asyncio.sleep(0)
+    kc = env.cluster(scaleTargetRef={"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "llm"})
+    from tests.fakes.kube_api import eventually
+
+    await eventually(lambda: env.caches.statefulsets.get(NS, "llm") is not None, "cached")
+    state = await env.call(kc.state)
+    assert state.removal_order == "highest-ordinal"
+    assert (await env.call(env.cluster().state)).removal_order == "deletion-cost"
