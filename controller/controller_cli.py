@@ -110,6 +110,12 @@ def add_parser(subparsers: Any) -> None:
         help="how often the leader renews and a follower tries to acquire; default 2",
     )
     p.add_argument(
+        "--pod-selector",
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="cache only the pods carrying these labels (label your model pod templates with them): in a "
+        "large cluster the controller then holds only model pods in memory; default: every pod",
+    )
+    p.add_argument(
         "--prometheus-url",
         action="append",
         metavar="URL",
@@ -141,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(_main(args))
-    except (errors.ClusterError, OSError) as exc:
+    except (errors.ClusterError, OSError, ValueError) as exc:
         logging.getLogger("forestall.controller").error("cannot run the controller: %s", exc)
         return 1
     return 0
@@ -191,6 +197,7 @@ async def _main(args: argparse.Namespace) -> None:
         dry_run=args.dry_run,
         identity=identity,
         elector=elector,
+        pod_selector=args.pod_selector,
     )
     holder.append(controller)
     runner = None

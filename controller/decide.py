@@ -600,7 +600,9 @@ def _scale_down(
             p.name,
         ),
     )
-    if state.removal_order == "highest-ordinal":  # a StatefulSet removes its highest ordinals, whatever we drain
+    if (
+        state.removal_order == "highest-ordinal"
+    ):  # a StatefulSet removes its highest ordinals, whatever we drain
         candidates = sorted(serving, key=lambda p: -_ordinal(p.name))
     chosen = candidates[: min(excess, budget)]
     if chosen:

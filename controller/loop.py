@@ -122,6 +122,7 @@ class Controller:
         elector: lease.LeaseElector | None = None,
         decide_fn: DecideFn = decide.decide,
         concurrency: int = CONCURRENCY,
+        pod_selector: str | None = None,
     ) -> None:
         self.api_client = api_client
         self.demand = demand
@@ -135,7 +136,7 @@ class Controller:
         self.decide_fn = decide_fn
         self.concurrency = concurrency
         self.reporter = reporting.Reporter(api_client, identity=identity, clock=clock)
-        self.caches = kube_cluster.Caches(api_client, namespace=namespace)
+        self.caches = kube_cluster.Caches(api_client, namespace=namespace, pod_selector=pod_selector)
         self.policies = reporting.policy_informer(api_client, namespace=namespace, on_change=self._on_policy)
         self.cycles = 0
         """Full cycles completed (tests wait on it)."""

@@ -50,11 +50,35 @@ MAX_NODE_PROVISIONING_S = 3600.0
 """A node whose Ready came more than an hour after its creation was restarted, not provisioned: ignored."""
 
 
+def selector_labels(selector: str | None) -> dict[str, str]:
+    """The labels of an equality-only label selector (`a=b,c=d`).
+
+    Raises:
+        ValueError: a term that is not `key=value` (set-based terms cannot be copied onto placeholder pods).
+    """
+    labels: dict[str, str] = {}
+    for term in (selector or "").split(","):
+        term = term.strip()
+        if not term:
+            continue
+        key, sep, value = term.partition("=")
+        if not sep or value.startswith("=") or "!" in key or not key.strip():
+            raise ValueError(f"--pod-selector must be key=value terms joined by commas, got {term!r}")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
 class Caches:
     """The informers a controller process shares between all its policies (one namespace or all)."""
 
-    def __init__(self, api_client: client.ApiClient, *, namespace: str | None = None) -> None:
+    def __init__(
+        self, api_client: client.ApiClient, *, namespace: str | None = None, pod_selector: str | None = None
+    ) -> None:
+        """`pod_selector` (`key=value[,key=value]`) limits the pod cache to the pods carrying those labels:
+        in a cluster of many pods, only the model pods (label them in the workloads' pod templates) are held
+        in memory. Placeholder pods get the same labels so they stay visible."""
         core, apps = client.CoreV1Api(api_client), client.AppsV1Api(api_client)
+        self.pod_labels = selector_labels(pod_selector)
 
         def scoped(namespaced: Any, everywhere: Any) -> tuple[Any, tuple[str, ...]]:
             return (namespaced, (namespace,)) if namespace else (everywhere, ())
@@ -64,7 +88,7 @@ class Caches:
         sts_fn, sts_args = scoped(
             apps.list_namespaced_stateful_set, apps.list_stateful_set_for_all_namespaces
         )
-        self.pods = informer.Informer(pods_fn, *pods_args, name="pods")
+        self.pods = informer.Informer(pods_fn, *pods_args, name="pods", label_selector=pod_selector or None)
         self.deployments = informer.Informer(dep_fn, *dep_args, name="deployments")
         self.statefulsets = informer.Informer(sts_fn, *sts_args, name="statefulsets")
         self.nodes = informer.Informer(core.list_node, name="nodes")

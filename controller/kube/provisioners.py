@@ -509,7 +509,7 @@ class Placeholder:
         if want > len(pods):
             self.ensure_priority_class()
         for _ in range(want - len(pods)):
-            labels = {**self.base.labels(), PLACEHOLDER_LABEL: "true"}
+            labels = {**self.base.caches.pod_labels, **self.base.labels(), PLACEHOLDER_LABEL: "true"}
             body = {
                 "apiVersion": "v1",
                 "kind": "Pod",

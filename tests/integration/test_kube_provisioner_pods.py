@@ -192,3 +192,39 @@ def test_restricted_admission_refuses_a_bare_pod() -> None:
         "seccompProfile",
     ]
     assert admission.violations(pod, "baseline") == []
+
+
+async def test_a_pod_selector_caches_only_model_pods_and_keeps_placeholders_visible() -> None:
+    clock = clock_mod.FakeClock(start=1_800_000_000.0)
+    async with FakeKubeApi(clock=clock, bookmark_interval_s=0.2) as api:
+        model = vllm_like()
+        model["spec"]["template"]["metadata"]["labels"]["forestall.dev/model"] = "true"
+        api.put(model)
+        api.put(kube_api.deployment("unrelated", NS, replicas=3))
+        api.run_workloads()
+        api_client = kube_api_mod.client_for(api.url)
+        caches = kube_cluster.Caches(api_client, namespace=NS, pod_selector="forestall.dev/model=true")
+        caches.start()
+        try:
+            assert await asyncio.to_thread(caches.wait_synced, 10.0)
+            cached = {p["metadata"]["labels"]["app"] for p in caches.pods.items(NS)}
+            assert cached == {"w"}, "pods of other workloads are not held in memory"
+            parsed = policy.parse(kube_api.scaling_policy("w", NS, provisioner={"type": "placeholder"}))
+            kc = kube_cluster.KubeCluster(parsed, api_client=api_client, caches=caches, clock=clock)
+            await asyncio.to_thread(kc.provision, 1)
+            await kube_api.eventually(lambda: len(holders(api)) == 1, "placeholder created")
+            [holder] = holders(api)
+            assert holder["metadata"]["labels"]["forestall.dev/model"] == "true"
+            await kube_api.eventually(
+                lambda: caches.pods.get(NS, holder["metadata"]["name"]) is not None, "placeholder cached"
+            )
+        finally:
+            await asyncio.to_thread(caches.stop)
+            api_client.close()
+
+
+def test_a_pod_selector_must_be_equality_terms() -> None:
+    assert kube_cluster.selector_labels("a=b, c=d") == {"a": "b", "c": "d"}
+    for bad in ("a!=b", "a in (b)", "a==b", "=b"):
+        with pytest.raises(ValueError, match="key=value"):
+            kube_cluster.selector_labels(bad)
