@@ -67,7 +67,7 @@ INTERVAL_S = 15.0
 # --- the API server process --------------------------------------------------------------------------------
 
 
-async def serve(policies: int, *, validate: bool, model: str) -> None:
+async def serve(policies: int, *, validate: bool, model: str, pods_per_policy: int = PODS_PER_POLICY) -> None:
     from tests.fakes import kube_api
 
     clock = clock_mod.FakeClock(start=START_S - 3600)
@@ -78,7 +78,7 @@ async def serve(policies: int, *, validate: bool, model: str) -> None:
             api.put(kube_api.gpu_node(f"gpu-{n}", created=stamp), validate=validate)
         for i in range(policies):
             ns, name = f"bench-{i % NAMESPACES}", f"model-{i}"
-            api.put(kube_api.deployment(name, ns, replicas=PODS_PER_POLICY), validate=validate)
+            api.put(kube_api.deployment(name, ns, replicas=pods_per_policy), validate=validate)
             api.put(
                 kube_api.scaling_policy(
                     name,
@@ -214,8 +214,19 @@ def run_child(url: str, policies: int, cycles: int) -> None:
 # --- orchestration -----------------------------------------------------------------------------------------
 
 
-def one(policies: int, *, cycles: int, validate: bool, model: str) -> dict[str, Any]:
-    server_cmd = [sys.executable, __file__, "--serve", str(policies), "--model", model]
+def one(
+    policies: int, *, cycles: int, validate: bool, model: str, pods_per_policy: int = PODS_PER_POLICY
+) -> dict[str, Any]:
+    server_cmd = [
+        sys.executable,
+        __file__,
+        "--serve",
+        str(policies),
+        "--model",
+        model,
+        "--pods-per-policy",
+        str(pods_per_policy),
+    ]
     if validate:
         server_cmd.append("--validate")
     server = subprocess.Popen(server_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, text=True)
@@ -247,9 +258,9 @@ def one(policies: int, *, cycles: int, validate: bool, model: str) -> dict[str, 
 
 def table(results: list[dict[str, Any]], *, model: str, validate: bool) -> str:
     lines = [
-        "| policies | warm-up cycle s (CPU s) | cycle wall s mean / max | with new sample: wall s / CPU s | "
+        "| policies | pods | warm-up cycle s (CPU s) | cycle wall s mean / max | with new sample: wall s / CPU s | "
         "without: wall s / CPU s | peak RSS MB | failed |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         cyc = r["cycles"]
@@ -261,7 +272,8 @@ def table(results: list[dict[str, Any]], *, model: str, validate: bool) -> str:
             return f"{np.mean([c[key] for c in rows]):.2f}" if rows else "-"
 
         lines.append(
-            f"| {r['policies']:,} | {r['warmup'][0]:.2f} ({r['warmup'][1]:.2f}) | "
+            f"| {r['policies']:,} | {r.get('pods', r['policies'] * PODS_PER_POLICY):,} | "
+            f"{r['warmup'][0]:.2f} ({r['warmup'][1]:.2f}) | "
             f"{np.mean(walls):.2f} / {max(walls):.2f} | {mean(new, 'wall_s')} / {mean(new, 'cpu_s')} | "
             f"{mean(old, 'wall_s')} / {mean(old, 'cpu_s')} | {r['max_rss_mb']:.0f} | "
             f"{r['warmup_failed'] + sum(c['failed'] for c in cyc)} |"
@@ -294,12 +306,21 @@ def main() -> int:
     parser.add_argument("--model", default="seasonalProfile", help="ScalingPolicy spec.forecast.model")
     parser.add_argument("--validate", action="store_true", help="validate every write in the fake API server")
     parser.add_argument("--no-record", action="store_true", help="print only, do not write BENCHMARKS.md")
+    parser.add_argument(
+        "--pods-per-policy",
+        type=int,
+        default=PODS_PER_POLICY,
+        help="Ready pods per target; 10 with 1,000 policies is the 10,000-pod memory-sizing run, recorded "
+        "in its own BENCHMARKS.md section",
+    )
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
-        asyncio.run(serve(args.serve, validate=args.validate, model=args.model))
+        asyncio.run(
+            serve(args.serve, validate=args.validate, model=args.model, pods_per_policy=args.pods_per_policy)
+        )
         return 0
     if args.child is not None:
         run_child(args.url, args.child, args.cycles)
@@ -310,13 +331,28 @@ def main() -> int:
     results = []
     for n in (int(x) for x in args.policies.split(",")):
         print(f"measuring {n} policies...", file=sys.stderr, flush=True)
-        results.append(one(n, cycles=args.cycles, validate=args.validate, model=args.model))
+        result = one(
+            n,
+            cycles=args.cycles,
+            validate=args.validate,
+            model=args.model,
+            pods_per_policy=args.pods_per_policy,
+        )
+        result["pods"] = n * args.pods_per_policy
+        results.append(result)
     body = table(results, model=args.model, validate=args.validate)
     print(body)
     if not args.no_record:
         from bench import _record
 
-        _record.record("reconcile", "Reconcile cycle: policies per cycle on one core", body)
+        if args.pods_per_policy == PODS_PER_POLICY:
+            _record.record("reconcile", "Reconcile cycle: policies per cycle on one core", body)
+        else:
+            _record.record(
+                "reconcile-size",
+                "Controller memory at cluster size: pods and policies (sizes the controller's memory limit)",
+                body,
+            )
     return 0
 
 

@@ -109,6 +109,10 @@ class ClusterState:
     """Pod -> the deletion cost found where the controller had written another (another controller manages
     it); empty when none, and always for clusters where nothing else writes pod annotations."""
 
+    removal_order: Literal["deletion-cost", "highest-ordinal"] = "deletion-cost"
+    """Which pods a scale-down removes: a ReplicaSet honours pod-deletion-cost (so any drained pod can go);
+    a StatefulSet always removes its highest ordinals, so only those may be drained for removal."""
+
     @property
     def ready_replicas(self) -> int:
         return sum(1 for pod in self.pods if pod.phase == "ready")

@@ -2,7 +2,8 @@
 
 Credentials come from the pod's service account when it runs in a cluster, or a kubeconfig otherwise (as
 kubectl: `--kubeconfig`, else `$KUBECONFIG`, else `~/.kube/config`). It watches ScalingPolicies in one
-namespace or all, serves Prometheus metrics on `--metrics-port`, and with leader election (on by default,
+namespace or all, serves Prometheus metrics, `/healthz` and `/readyz` (`controller.health`) on
+`--metrics-port`, and with leader election (on by default,
 since the manifests run two replicas) only the Lease holder acts. SIGTERM and SIGINT stop it cleanly: the
 loop finishes the policy in hand, the Lease is released so the other replica takes over at once, and the
 watches are closed. Exit code 0 after a clean stop, 1 when it could not start (no API server, no caches).
@@ -57,7 +58,7 @@ def add_parser(subparsers: Any) -> None:
         type=int,
         default=8080,
         metavar="PORT",
-        help="port serving Prometheus metrics at /metrics (0 disables); default 8080",
+        help="port serving /metrics, /healthz and /readyz (0 disables); default 8080",
     )
     p.add_argument(
         "--metrics-address",
@@ -109,6 +110,20 @@ def add_parser(subparsers: Any) -> None:
         help="how often the leader renews and a follower tries to acquire; default 2",
     )
     p.add_argument(
+        "--pod-selector",
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="cache only the pods carrying these labels (label your model pod templates with them): in a "
+        "large cluster the controller then holds only model pods in memory; default: every pod",
+    )
+    p.add_argument(
+        "--prometheus-url",
+        action="append",
+        metavar="URL",
+        help="a Prometheus URL prefix policies may name in demand.prometheus.url (repeat for several); "
+        "the controller fetches it under its own identity, so others are refused; "
+        "default: demand.prometheus.url's default, the Prometheus Operator's Service",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="treat every policy as mode dryRun: compute and report (status, events, metrics), change nothing",
@@ -132,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(_main(args))
-    except (errors.ClusterError, OSError) as exc:
+    except (errors.ClusterError, OSError, ValueError) as exc:
         logging.getLogger("forestall.controller").error("cannot run the controller: %s", exc)
         return 1
     return 0
@@ -142,10 +157,8 @@ async def _main(args: argparse.Namespace) -> None:
     import asyncio
     import signal
 
-    from prometheus_client import start_http_server
-
     from contract import clock as clock_mod
-    from controller import loop, metrics
+    from controller import health, loop, metrics, policy
     from controller.demand import registry
     from controller.kube import api, lease
 
@@ -154,8 +167,6 @@ async def _main(args: argparse.Namespace) -> None:
     )
     identity = args.identity or os.environ.get("POD_NAME") or f"{socket.gethostname()}_{uuid.uuid4().hex[:8]}"
     controller_metrics = metrics.ControllerMetrics()
-    if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.metrics_address, registry=controller_metrics.registry)
     elector = None
     if args.leader_election:
         elector = lease.LeaseElector(
@@ -172,7 +183,11 @@ async def _main(args: argparse.Namespace) -> None:
             retry_period_s=args.retry_period_s,
         )
     holder: list[loop.Controller] = []
-    demands = registry.Demands(balancer_endpoints=lambda ns, svc: holder[0].caches.service_addresses(ns, svc))
+    demands = registry.Demands(
+        balancer_endpoints=lambda ns, svc: holder[0].caches.service_addresses(ns, svc),
+        # unless the operator allows others, only the Prometheus a policy gets by default
+        allowed_prometheus_urls=args.prometheus_url or [policy.PrometheusDemand.model_fields["url"].default],
+    )
     controller = loop.Controller(
         api_client,
         demand=demands,
@@ -183,8 +198,17 @@ async def _main(args: argparse.Namespace) -> None:
         dry_run=args.dry_run,
         identity=identity,
         elector=elector,
+        pod_selector=args.pod_selector,
     )
     holder.append(controller)
+    runner = None
+    if args.metrics_port:
+        app = health.app(
+            registry=controller_metrics.registry,
+            live=controller.liveness_problems,
+            ready=controller.readiness_problems,
+        )
+        runner = await health.serve(app, host=args.metrics_address, port=args.metrics_port)
     stop = asyncio.Event()
     running = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -192,5 +216,7 @@ async def _main(args: argparse.Namespace) -> None:
     try:
         await controller.run(stop)
     finally:
+        if runner is not None:
+            await runner.cleanup()
         await demands.close()
         api_client.close()  # type: ignore[no-untyped-call]

@@ -171,6 +171,9 @@ def _convert(
             out["additionalProperties"] = _convert(node["additionalProperties"], defs, rules)
     if kind == "array":
         out["items"] = _convert(node.get("items", {}), defs, rules)
+        for key in ("x-kubernetes-list-type", "x-kubernetes-list-map-keys"):
+            if key in node:
+                out[key] = node[key]
         if node.get("title") in ("Conditions",):
             out["x-kubernetes-list-type"] = "map"
             out["x-kubernetes-list-map-keys"] = ["type"]

@@ -22,7 +22,8 @@ How it decides (every branch adds a `Reason`):
   measured yet and the operator set it.
 - **Capacity already on its way counts.** Serving replicas = `spec_replicas` minus pods marked for draining, so
   pods pending or starting are never added twice.
-- **Scale-down** needs all demand data fresh, a history that covers the stabilization window, and the most
+- **Scale-down** needs all demand data fresh, a history that covers the stabilization window with at least
+  `MIN_FINITE_FRACTION` of its samples present (else `HistorySparse`: hold), and the most
   replicas any sample in that window needed (and the forecast) to stay below the serving count. At most
   `maxPodsPerMinute` pods are marked per minute (counted from the drain marks' start times). Pods are
   chosen pending before starting before ready, then from the node with the fewest of the target's serving
@@ -141,6 +142,8 @@ class ReasonCode(enum.StrEnum):
     SIGNALS_STALE = "SignalsStale"
     SIGNALS_INCOMPLETE = "SignalsIncomplete"
     HOLDING_CAPACITY = "HoldingCapacity"
+    HISTORY_SPARSE = "HistorySparse"
+    """Too few finite samples in the stabilization window to justify a scale-down: capacity held."""
 
     @property
     def missing_data(self) -> bool:
@@ -190,6 +193,11 @@ class Plan:
 
 RATE_WINDOW_S = 60.0
 """`scaleDown.maxPodsPerMinute` counts drain marks set within this window."""
+
+MIN_FINITE_FRACTION = 0.75
+"""Scale-down needs at least this share of the stabilization window's samples present: one fresh sample
+among gaps (a Prometheus restart, a scrape outage) must not justify a drain. A quarter missing still lets a
+few failed scrapes pass."""
 
 MIN_DRAIN_S = RATE_WINDOW_S
 """A marked pod is removed no sooner than this: every balancer replica sees the mark (watch latency is
@@ -565,6 +573,16 @@ def _scale_down(
         return []
     start = int(np.searchsorted(ts, now - window, side="left"))
     recent = vs[start:]
+    present = float(np.isfinite(recent).mean()) if recent.size else 0.0
+    if window > 0 and present < MIN_FINITE_FRACTION:
+        reasons.append(
+            Reason(
+                ReasonCode.HISTORY_SPARSE,
+                f"holding {serving_now} replicas: only {present:.0%} of the samples in the last {window:g} s "
+                f"are present (scale-down needs {MIN_FINITE_FRACTION:.0%})",
+            )
+        )
+        return []
     recent = recent[np.isfinite(recent)]
     window_need = replicas_for(float(recent.max()), spr) if recent.size else 0
     floor = max(target, min(window_need, spec.replicas.max))
@@ -605,6 +623,10 @@ def _scale_down(
             p.name,
         ),
     )
+    if (
+        state.removal_order == "highest-ordinal"
+    ):  # a StatefulSet removes its highest ordinals, whatever we drain
+        candidates = sorted(serving, key=lambda p: -_ordinal(p.name))
     chosen = candidates[: min(excess, budget)]
     if chosen:
         loads = ", ".join(f"{p.name} ({inputs.pod_load.get(p.name, 0)})" for p in chosen)
@@ -616,6 +638,12 @@ def _scale_down(
             )
         )
     return chosen
+
+
+def _ordinal(pod_name: str) -> int:
+    """A StatefulSet pod's ordinal (`name-3` -> 3); -1 when the name has none."""
+    tail = pod_name.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
 
 
 def _removable(

@@ -30,16 +30,15 @@ What this module does not do: talk HTTP to Kubernetes itself (`controller.kube`)
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from contract import clock as clock_mod
-from controller import cluster, decide, errors, metrics, pipeline, policy, status
+from controller import backoff, cluster, decide, errors, metrics, pipeline, policy, status
 from controller.kube import cluster as kube_cluster
-from controller.kube import lease, reporting
+from controller.kube import finalizing, lease, reporting
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,8 @@ REQUEUE_S = 1.0
 SYNC_TIMEOUT_S = 60.0
 """How long to wait for the first list of every watched resource before giving up at start."""
 
+ELECTOR_STALL_S = 30.0
+"""`/healthz` fails when the elector has not turned for this long (it turns every retry period, 2 s)."""
 
 ClusterFactory = Callable[[policy.ScalingPolicy, cluster.Cluster | None], cluster.Cluster]
 """(parsed policy, its cluster so far or None) -> the `Cluster` to reconcile it on. Called on every new
@@ -109,6 +110,7 @@ class Controller:
         concurrency: int = CONCURRENCY,
         cluster_factory: ClusterFactory | None = None,
         forecasts: pipeline.ForecastFactory = pipeline.policy_forecast,
+        pod_selector: str | None = None,
     ) -> None:
         self.api_client = api_client
         self.demand = demand
@@ -122,7 +124,7 @@ class Controller:
         self.decide_fn = decide_fn
         self.concurrency = concurrency
         self.reporter = reporting.Reporter(api_client, identity=identity, clock=clock)
-        self.caches = kube_cluster.Caches(api_client, namespace=namespace)
+        self.caches = kube_cluster.Caches(api_client, namespace=namespace, pod_selector=pod_selector)
         self.policies = reporting.policy_informer(api_client, namespace=namespace, on_change=self._on_policy)
         self.cluster_factory = cluster_factory if cluster_factory is not None else self._kube_cluster
         self.forecasts = forecasts
@@ -141,6 +143,14 @@ class Controller:
         self._stopping = asyncio.Event()
         """Set on SIGTERM: the policies not yet started in a cycle are left for the next leader."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.backoff = backoff.Backoff(clock=clock)
+        """Per-policy exponential delays after failed reconciles (see `controller.backoff`)."""
+        self._backing_off: set[Key] = set()
+        self._retry_after: dict[Key, float] = {}
+        """A server's Retry-After (429) for a policy's last failure: its next attempt waits at least that."""
+        self._elector_task: asyncio.Task[None] | None = None
+        self.elector_restarts = 0
+        self._started = False
 
     @property
     def acting(self) -> bool:
@@ -159,6 +169,7 @@ class Controller:
         )
         if not synced:
             raise errors.ClusterError(f"the watch caches did not fill within {SYNC_TIMEOUT_S:g} s")
+        self._started = True
 
     async def close(self) -> None:
         def stop_all() -> None:
@@ -168,18 +179,34 @@ class Controller:
         await asyncio.to_thread(stop_all)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Reconcile until `stop` is set (SIGTERM), then release the Lease and stop the watches."""
+        """Reconcile until `stop` is set (SIGTERM); then let the reconciles in flight finish, and only then
+        release the Lease (so the next leader never acts beside one still writing) and stop the watches.
+
+        The elector runs supervised (`backoff.supervise`): if it ever raises or returns early it is logged,
+        counted in `elector_restarts` and started again, and `/healthz` reports it meanwhile.
+        """
         self._stopping = stop
         await self.start()
-        elector_task = None
+        elector_stop = asyncio.Event()
         if self.elector is not None:
-            elector_task = asyncio.create_task(self.elector.run(stop, self._on_leadership), name="lease")
+            elector = self.elector
+            self._elector_task = asyncio.create_task(
+                backoff.supervise(
+                    "leader elector",
+                    lambda: elector.run(elector_stop, self._on_leadership),
+                    stop=elector_stop,
+                    clock=self.clock,
+                    on_restart=self._elector_restarted,
+                ),
+                name="lease",
+            )
         try:
             next_cycle = self.clock.monotonic()
             while not stop.is_set():
                 if self._requeue and self.clock.monotonic() >= self._requeue_at:
                     self._dirty |= self._requeue
                     self._requeue.clear()
+                self._dirty |= self._due_retries()
                 if self.acting:
                     if self.clock.monotonic() >= next_cycle:
                         next_cycle = self.clock.monotonic() + self.interval_s
@@ -189,12 +216,57 @@ class Controller:
                         await self._reconcile_many(keys)
                 self._wake.clear()
                 wake_at = min(next_cycle, self._requeue_at) if self._requeue else next_cycle
+                retry_at = self.backoff.next_retry_at()
+                if retry_at is not None:
+                    wake_at = min(wake_at, retry_at)
                 await self._wait(stop, wake_at - self.clock.monotonic())
         finally:
-            if elector_task is not None:
-                stop.set()
-                await elector_task
+            # Reconciles are awaited above, so none is in flight here: only now may the Lease go.
+            elector_stop.set()
+            if self._elector_task is not None:
+                await self._elector_task
             await self.close()
+
+    def _due_retries(self) -> set[Key]:
+        """Policies whose backoff delay has just passed: reconciled now rather than at the next cycle."""
+        due = {key for key in self._backing_off if self.backoff.ready(key)}
+        self._backing_off -= due
+        return due
+
+    def _elector_restarted(self, error: BaseException | None) -> None:
+        self.elector_restarts += 1
+
+    # --- health ----------------------------------------------------------------------------------------------
+
+    def liveness_problems(self) -> list[str]:
+        """Why this replica needs a restart (empty: it does not); served at `/healthz`."""
+        problems = []
+        if self.elector is not None and self._elector_task is not None:
+            if self._elector_task.done():
+                problems.append("leader elector: stopped")
+            beat = self.elector.heartbeat_s
+            if beat is not None and self.clock.monotonic() - beat > ELECTOR_STALL_S:
+                problems.append(
+                    f"leader elector: no turn for {self.clock.monotonic() - beat:.0f} s "
+                    f"(restarted {self.elector_restarts} times)"
+                )
+        if self._started:
+            for inf in (self.policies, *self.caches.all):
+                if not inf.alive():
+                    problems.append(f"informer {inf.name}: watch thread stopped")
+        return problems
+
+    def readiness_problems(self) -> list[str]:
+        """Why this replica is not ready (empty: it is); served at `/readyz`."""
+        if self._stopping.is_set():
+            return ["shutting down"]
+        if not self._started:
+            return ["watch caches not filled yet"]
+        return [
+            f"informer {inf.name}: not synced"
+            for inf in (self.policies, *self.caches.all)
+            if not inf.synced.is_set()
+        ]
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float) -> None:
         """Until the timeout, a change (policy event, leadership) or stop; a follower waits without timeout."""
@@ -206,6 +278,10 @@ class Controller:
         ]
         if self.acting or self._requeue:
             waiters.append(asyncio.ensure_future(self.clock.sleep(max(0.0, timeout_s))))
+        elif self.elector is not None:
+            # A follower also looks again every retry period: leadership can lapse and come back (a stalled
+            # process past its renew deadline) without a transition being announced in between.
+            waiters.append(asyncio.ensure_future(self.clock.sleep(self.elector.retry_period_s)))
         try:
             await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -225,6 +301,8 @@ class Controller:
         if kind == "DELETED":
             self._state.pop(key, None)
             self._dirty.discard(key)
+            self.backoff.forget(key)
+            self._backing_off.discard(key)
             self.metrics.forget(*key)
             self.reporter.forget(*key)
             forget = getattr(self.demand, "forget", None)
@@ -233,6 +311,8 @@ class Controller:
             return
         known = self._state.get(key)
         if known is None or known.generation != meta.get("generation"):
+            self.backoff.forget(key)  # a new spec deserves a prompt try, whatever the old one did
+            self._backing_off.discard(key)
             self._dirty.add(key)
             self._wake.set()
 
@@ -256,6 +336,12 @@ class Controller:
         return result
 
     async def _reconcile_many(self, keys: list[Key]) -> CycleResult:
+        """Reconcile `keys`, a bounded number at a time; each one isolated from the others.
+
+        No exception of one policy's reconcile (a bug, a failed error-path status write) leaves its task: the
+        TaskGroup would cancel the others and end the cycle, and with it the process. A policy that failed is
+        skipped until its backoff delay has passed (`controller.backoff`); a due retry wakes the loop.
+        """
         result = CycleResult()
         semaphore = asyncio.Semaphore(self.concurrency)
 
@@ -264,15 +350,29 @@ class Controller:
                 if not self.acting or self._stopping.is_set():
                     return
                 started = self.clock.monotonic()
-                ok = await self.reconcile(key)
+                try:
+                    ok = await self.reconcile(key)
+                except Exception:  # reconcile() guards itself; this is the last line, never the TaskGroup
+                    log.exception("%s/%s: reconcile failed outside its own error handling", *key)
+                    self.metrics.reconcile_errors.labels(*key).inc()
+                    ok = False
                 took = self.clock.monotonic() - started
                 result.durations_s.append(took)
                 self.metrics.reconcile_duration.observe(took)
                 result.reconciled += 1
                 result.failed += 0 if ok else 1
+                if ok:
+                    self.backoff.succeeded(key)
+                else:
+                    delay = self.backoff.failed(key, at_least_s=self._retry_after.pop(key, 0.0))
+                    self._backing_off.add(key)
+                    log.info(
+                        "%s/%s: retried in %.0f s (failure #%d)", *key, delay, self.backoff.failures(key)
+                    )
 
+        due = [key for key in keys if self.backoff.ready(key)]
         async with asyncio.TaskGroup() as group:
-            for key in keys:
+            for key in due:
                 group.create_task(one(key))
         return result
 
@@ -284,6 +384,8 @@ class Controller:
         known = self._state.setdefault(key, _Policy(key))
         try:
             parsed = self._parse(known, obj)
+            if await asyncio.to_thread(self._finalize, known, obj, parsed):
+                return True
             if parsed is None:
                 await asyncio.to_thread(
                     status.report_invalid,
@@ -304,22 +406,54 @@ class Controller:
             return True
         except errors.NotFound as exc:
             self.metrics.reconcile_errors.labels(*key).inc()
-            await asyncio.to_thread(
-                status.report_failure, self.reporter, obj, "TargetNotFound", str(exc), now=self.clock.now()
-            )
+            await self._report_safely(known, obj, "TargetNotFound", str(exc))
             return False
         except errors.ClusterError as exc:
             self.metrics.reconcile_errors.labels(*key).inc()
             log.warning("%s/%s: reconcile failed: %s", *key, exc)
-            with contextlib.suppress(errors.ClusterError):
-                await asyncio.to_thread(
-                    status.report_failure, self.reporter, obj, "ClusterError", str(exc), now=self.clock.now()
-                )
+            if isinstance(exc, errors.Throttled):
+                self._retry_after[key] = exc.retry_after_s
+            reason = exc.reason if isinstance(exc, errors.Refused) else "ClusterError"
+            await self._report_safely(known, obj, reason, str(exc))
             return False
         except Exception:  # a bug must cost one policy one cycle, never the whole controller
             self.metrics.reconcile_errors.labels(*key).inc()
             log.exception("%s/%s: reconcile failed unexpectedly", *key)
             return False
+
+    async def _report_safely(self, known: _Policy, obj: Obj, reason: str, message: str) -> None:
+        """Report a failed reconcile; a failure to report (the API is what failed) is logged, never raised."""
+        try:
+            await asyncio.to_thread(
+                status.report_failure, self.reporter, obj, reason, message, now=self.clock.now()
+            )
+        except Exception as exc:
+            log.warning("%s/%s: could not report %s: %s", *known.key, reason, exc)
+
+    def _finalize(self, known: _Policy, obj: Obj, parsed: policy.ScalingPolicy | None) -> bool:
+        """The finalizer's lifecycle (`controller.kube.finalizing`), blocking; True when the policy is being
+        deleted (cleaned up here, nothing else to do).
+
+        An active policy gets the finalizer before anything is acted on; a policy being deleted, or moved to
+        dry run, has what it held released and its marks removed, then loses the finalizer.
+        """
+        meta = obj["metadata"]
+        deleting = bool(meta.get("deletionTimestamp"))
+        if self.dry_run:
+            return deleting  # a --dry-run controller writes nothing but status and Events (and may not)
+        dry = parsed is not None and parsed.spec.mode == "dryRun"
+        held = finalizing.has_finalizer(obj)
+        if deleting or (dry and held):
+            if held:
+                done = kube_cluster.release_policy(
+                    self.api_client, self.caches, namespace=known.key[0], name=known.key[1]
+                )
+                log.info("%s/%s: %s; released %s", *known.key, "deleted" if deleting else "dry run", done)
+                finalizing.set_finalizer(self.api_client, obj, present=False)
+            return deleting
+        if parsed is not None and not dry and not held:
+            finalizing.set_finalizer(self.api_client, obj, present=True)
+        return False
 
     def _parse(self, known: _Policy, obj: Obj) -> policy.ScalingPolicy | None:
         generation = obj["metadata"].get("generation")

@@ -40,7 +40,19 @@ ConditionType = Literal["Ready", "DemandDataAvailable", "Forecasting", "Degraded
 CONDITION_TYPES: tuple[ConditionType, ...] = ("Ready", "DemandDataAvailable", "Forecasting", "Degraded")
 
 Rule = tuple[str, str]
-"""A CEL rule and the message the API server returns when it is false."""
+"""A CEL rule and the message the API server returns when it is false.
+
+Every list and string a rule touches must be bounded (maxItems, maxLength or an enum): the API server
+estimates each rule's cost from those bounds at CRD creation and refuses a CRD over budget, costing an
+unbounded list at about 90,000 items and an unbounded string at about 3 MiB. `tests/unit/test_crd_cost.py`
+walks the generated schema and fails on an unbounded one."""
+
+LABEL_VALUE_MAX = 63
+"""Longest Kubernetes label value; GPU product names are node label values."""
+
+GPU_TYPES_MAX = 16
+"""Most GPU types one policy lists: more kinds of GPU than any real node pool mixes, and a bound the API
+server's CEL cost estimate needs."""
 
 
 class _Model(BaseModel):
@@ -135,7 +147,7 @@ class Demand(_Model):
 class GpuType(_Model):
     """Capacity of one replica on one kind of GPU (heterogeneous node pools)."""
 
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, max_length=LABEL_VALUE_MAX)
     """GPU product as nodes label it (`nvidia.com/gpu.product`), e.g. `NVIDIA-H100-80GB-HBM3`."""
 
     streams_per_replica: int = Field(gt=0)
@@ -162,8 +174,13 @@ class Capacity(_Model):
     """Mean seconds per generated token of one stream; turns token counts into stream durations in
     `forestall simulate`. 30 ms is typical decode speed for a 7-13B model under load."""
 
-    gpu_types: list[GpuType] = Field(default_factory=list)
-    """Per-GPU-type capacity, overriding streamsPerReplica on those GPUs."""
+    gpu_types: list[GpuType] = Field(
+        default_factory=list,
+        max_length=GPU_TYPES_MAX,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Per-GPU-type capacity, overriding streamsPerReplica on those GPUs. A map list keyed by name: the API
+    server itself refuses a duplicate name, at no CEL cost."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -171,13 +188,6 @@ class Capacity(_Model):
         if len(set(names)) != len(names):
             raise ValueError(f"capacity.gpuTypes names must be unique, got {names}: remove the duplicate")
         return self
-
-    CEL_RULES: ClassVar[tuple[Rule, ...]] = (
-        (
-            "!has(self.gpuTypes) || self.gpuTypes.all(a, self.gpuTypes.exists_one(b, b.name == a.name))",
-            "capacity.gpuTypes names must be unique: remove the duplicate",
-        ),
-    )
 
 
 class Replicas(_Model):
@@ -302,20 +312,24 @@ class CapacityBufferProvisioner(_Model):
 class PlaceholderProvisioner(_Model):
     """Settings for `provisioner.type: placeholder`: low-priority pods that hold GPUs until evicted."""
 
-    priority_class_name: str = Field("forestall-placeholder", min_length=1)
-    """PriorityClass of the placeholder pods: negative value, `preemptionPolicy: Never`."""
-
-    image: str = Field("registry.k8s.io/pause:3.10", min_length=1)
-    """Image the placeholder pods run; pause does nothing and is small."""
+    priority_class_name: str = Field("forestall-placeholder", min_length=1, max_length=253)
+    """PriorityClass of the placeholder pods: it must have a negative value and `preemptionPolicy: Never`
+    (the controller creates `forestall-placeholder` so; a class that could preempt real pods refuses the
+    policy). The pods run the controller's pause image, which a policy cannot change."""
 
 
 class ProvisioningRequestProvisioner(_Model):
     """Settings for `provisioner.type: provisioningRequest` (cluster-autoscaler ProvisioningRequest)."""
 
-    provisioning_class_name: Literal[
-        "best-effort-atomic-scale-up.autoscaling.x-k8s.io", "check-capacity.autoscaling.x-k8s.io"
-    ] = "best-effort-atomic-scale-up.autoscaling.x-k8s.io"
-    """How cluster-autoscaler treats the request; atomic scale-up provisions all nodes or none."""
+    provisioning_class_name: str = Field(
+        "best-effort-atomic-scale-up.autoscaling.x-k8s.io",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+    )
+    """How the request is served: `best-effort-atomic-scale-up.autoscaling.x-k8s.io` provisions all nodes or
+    none; `check-capacity.autoscaling.x-k8s.io` only checks (never counted as held); provider classes such as
+    GKE's `queued-provisioning.gke.io` are passed through as named."""
 
     booking_s: float = Field(600.0, gt=0)
     """How long capacity stays booked once provisioned; cluster-autoscaler releases it after about 10 min,

@@ -127,20 +127,45 @@ class PrometheusHistory:
                 raise _QueryError(f"no answer within {self.timeout_s:g} s") from exc
             except (requests.RequestException, ValueError) as exc:
                 raise _QueryError(f"unreachable: {errors.one_line(str(exc))}") from exc
+            except (KeyError, TypeError, AttributeError) as exc:  # the client indexing a body of odd shape
+                raise _QueryError(
+                    f"unexpected answer to a range query: {errors.one_line(repr(exc))}"
+                ) from exc
             if not isinstance(result, list):
                 raise _QueryError(f"unexpected answer to a range query: {errors.one_line(repr(result))}")
             if len(result) > 1:
-                labels = ", ".join(str(s.get("metric", {})) for s in result[:3])
+                labels = ", ".join(str(s.get("metric", {}) if isinstance(s, dict) else s) for s in result[:3])
                 raise _QueryError(
                     f"the query returned {len(result)} series ({labels}), it must return one: "
                     f"wrap it in sum(...) (query: {self.query})"
                 )
-            for t, v in result[0].get("values", []) if result else []:
-                i = round((float(t) - start) / self.step_s)
-                if lo <= i < hi:
-                    value = float(v)
-                    out[i] = value if math.isfinite(value) and value >= 0 else np.nan
+            if result:
+                self._fill(out, result[0], start=start, lo=lo, hi=hi)
         return out
+
+    def _fill(self, out: FloatArray, series: object, *, start: float, lo: int, hi: int) -> None:
+        """Put one matrix series' samples into `out`; an answer of any other shape is a `_QueryError`.
+
+        Prometheus answers a range query with `[{"metric": {...}, "values": [[t, "v"], ...]}]`. A proxy,
+        a different server or a bug can answer anything else (a vector's single `value`, a non-numeric
+        value, a one-element pair): that is missing data, said clearly, never an exception out of `read()`.
+        """
+        if not isinstance(series, dict) or not isinstance(series.get("values"), list):
+            kind = "an instant vector" if isinstance(series, dict) and "value" in series else "no sample list"
+            raise _QueryError(f"unexpected answer to a range query ({kind}): {errors.one_line(repr(series))}")
+        for sample in series["values"]:
+            try:
+                t, v = sample
+                when, value = float(t), float(v)
+            except (TypeError, ValueError) as exc:
+                raise _QueryError(
+                    f"unexpected sample {errors.one_line(repr(sample))} in the answer: {exc}"
+                ) from exc
+            if not math.isfinite(when):
+                raise _QueryError(f"unexpected sample time {t!r} in the answer")
+            i = round((when - start) / self.step_s)
+            if lo <= i < hi:
+                out[i] = value if math.isfinite(value) and value >= 0 else np.nan
 
     def _merge(self, first: float, start: float, new: FloatArray) -> None:
         ts, vs = self.timestamps_, self.values_

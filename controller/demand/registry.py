@@ -3,6 +3,11 @@
 - `PolicyDemand` puts the parts together for one policy: each `read()` gives the history (Prometheus, or
   the signals history when the policy has no Prometheus), the merged signals and one line per problem. The
   Prometheus client is blocking and runs on a thread so the event loop keeps serving.
+- The Prometheus URL a policy names is fetched under the controller's identity, from inside the cluster, so
+  a policy author could otherwise make the controller call any internal address. `url_refusal()` allows
+  only http/https, no credentials in the URL, and, when the controller is configured with an allowlist
+  (`forestall controller --prometheus-url`, default the Prometheus Operator's Service only), only URLs under
+  one of its entries. A refused URL is missing data (capacity held, `HistoryMissing`), with the reason.
 - `Demands` implements `controller.pipeline.DemandSource` for the Kubernetes loop: one `PolicyDemand` per
   policy, the balancer replicas looked up through a function the kube layer supplies (EndpointSlice
   addresses of the Service), one shared HTTP session, and each policy's latest problems in
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import urllib.parse
 from collections.abc import Callable, Sequence
 
 import aiohttp
@@ -26,16 +32,58 @@ from controller.demand import balancers, history, prometheus
 log = logging.getLogger(__name__)
 
 
+def url_refusal(url: str, allowed: Sequence[str] | None) -> str | None:
+    """Why the controller must not fetch this Prometheus URL (None: it may).
+
+    `allowed` holds URL prefixes (`https://prometheus.monitoring.svc:9090`, optionally with a path); a URL
+    is allowed when its scheme, host and port equal an entry's and its path starts with the entry's path
+    at a `/` boundary. `None` allows any http/https URL (library and lab use; the controller passes its
+    configured list). The message never repeats credentials.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return "demand.prometheus.url is not a valid URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"demand.prometheus.url must be an http or https URL with a host, got scheme {parts.scheme!r}"
+    if parts.username is not None or parts.password is not None:
+        return "demand.prometheus.url must not carry credentials: remove the user:password@ part"
+    if allowed is None:
+        return None
+    shown = f"{parts.scheme}://{parts.hostname}{f':{port}' if port else ''}{parts.path}"
+    for entry in allowed:
+        ok = urllib.parse.urlsplit(entry)
+        if (ok.scheme, ok.hostname, _port(ok)) != (parts.scheme, parts.hostname, _port(parts)):
+            continue
+        base = ok.path.rstrip("/")
+        if parts.path == base or parts.path.startswith(base + "/") or not base:
+            return None
+    return (
+        f"demand.prometheus.url {shown} is not allowed by the controller's configuration "
+        "(forestall controller --prometheus-url): ask the operator to allow it, or use an allowed Prometheus"
+    )
+
+
+def _port(parts: urllib.parse.SplitResult) -> int:
+    return parts.port or (443 if parts.scheme == "https" else 80)
+
+
 class PolicyDemand:
     """The demand input of one policy across reconciles: cached Prometheus history and signals history."""
 
-    def __init__(self, spec: policy.ScalingPolicySpec) -> None:
+    def __init__(
+        self, spec: policy.ScalingPolicySpec, *, allowed_prometheus_urls: Sequence[str] | None = None
+    ) -> None:
         self.spec = spec
+        self.allowed_prometheus_urls = allowed_prometheus_urls
         prom = spec.demand.prometheus
         fc = spec.forecast
+        self.refused_ = None if prom is None else url_refusal(prom.url, allowed_prometheus_urls)
+        """Why the policy's Prometheus URL is not fetched (None: it is, or there is none)."""
         self.prometheus_: prometheus.PrometheusHistory | None = (
             None
-            if prom is None
+            if prom is None or self.refused_ is not None
             else prometheus.PrometheusHistory(prom.url, prom.query, step_s=fc.step_s, history_s=fc.history_s)
         )
         self.signals_history_ = history.SignalsHistory(step_s=fc.step_s, history_s=fc.history_s)
@@ -50,7 +98,7 @@ class PolicyDemand:
             self.spec = spec
             return self
         self.close()
-        return PolicyDemand(spec)
+        return PolicyDemand(spec, allowed_prometheus_urls=self.allowed_prometheus_urls)
 
     async def read(
         self,
@@ -75,6 +123,8 @@ class PolicyDemand:
                 prom_task = tg.create_task(asyncio.to_thread(self.prometheus_.read, now))
         if spec.demand.balancer is not None and session is None:
             errors.append("no HTTP session to read balancer signals with")
+        if self.refused_ is not None:
+            errors.append(self.refused_)
         demand_history: decide.DemandHistory | None = None
         if prom_task is not None:
             prom_reading = prom_task.result()
@@ -86,7 +136,7 @@ class PolicyDemand:
             sig_reading = signals_task.result()
             snapshot = sig_reading.snapshot
             errors.extend(sig_reading.errors)
-        if self.prometheus_ is None:
+        if self.prometheus_ is None and self.refused_ is None:
             if snapshot is not None and not snapshot.unreachable:
                 self.signals_history_.add(now, float(snapshot.active_streams + snapshot.admission_queue))
             demand_history = self.signals_history_.history()
@@ -108,6 +158,8 @@ class Demands:
         balancer_endpoints: looks up a balancer Service's ready endpoint addresses; without it, policies
             that name a balancer get no signals (and `decide()` holds their capacity, `SignalsMissing`).
         signals_timeout_s: per balancer replica.
+        allowed_prometheus_urls: URL prefixes policies may name as their Prometheus (`url_refusal`);
+            None allows any http/https URL.
     """
 
     def __init__(
@@ -115,8 +167,10 @@ class Demands:
         *,
         balancer_endpoints: EndpointLookup | None = None,
         signals_timeout_s: float = balancers.SIGNALS_TIMEOUT_S,
+        allowed_prometheus_urls: Sequence[str] | None = None,
     ) -> None:
         self.balancer_endpoints = balancer_endpoints
+        self.allowed_prometheus_urls = allowed_prometheus_urls
         self.signals_timeout_s = signals_timeout_s
         self._policies: dict[tuple[str, str], PolicyDemand] = {}
         self._errors: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -126,7 +180,11 @@ class Demands:
         meta, spec = scaling_policy.metadata, scaling_policy.spec
         key = (meta.namespace, meta.name)
         current = self._policies.get(key)
-        pd = PolicyDemand(spec) if current is None else current.for_spec(spec)
+        pd = (
+            PolicyDemand(spec, allowed_prometheus_urls=self.allowed_prometheus_urls)
+            if current is None
+            else current.for_spec(spec)
+        )
         self._policies[key] = pd
         replicas: list[str] = []
         lookup_error: str | None = None

@@ -30,7 +30,7 @@ from kubernetes import client
 
 from contract import clock as clock_mod
 from controller import cluster, errors, policy
-from controller.kube import api, informer, provisioners
+from controller.kube import api, finalizing, informer, provisioners
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +50,35 @@ MAX_NODE_PROVISIONING_S = 3600.0
 """A node whose Ready came more than an hour after its creation was restarted, not provisioned: ignored."""
 
 
+def selector_labels(selector: str | None) -> dict[str, str]:
+    """The labels of an equality-only label selector (`a=b,c=d`).
+
+    Raises:
+        ValueError: a term that is not `key=value` (set-based terms cannot be copied onto placeholder pods).
+    """
+    labels: dict[str, str] = {}
+    for term in (selector or "").split(","):
+        term = term.strip()
+        if not term:
+            continue
+        key, sep, value = term.partition("=")
+        if not sep or value.startswith("=") or "!" in key or not key.strip():
+            raise ValueError(f"--pod-selector must be key=value terms joined by commas, got {term!r}")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
 class Caches:
     """The informers a controller process shares between all its policies (one namespace or all)."""
 
-    def __init__(self, api_client: client.ApiClient, *, namespace: str | None = None) -> None:
+    def __init__(
+        self, api_client: client.ApiClient, *, namespace: str | None = None, pod_selector: str | None = None
+    ) -> None:
+        """`pod_selector` (`key=value[,key=value]`) limits the pod cache to the pods carrying those labels:
+        in a cluster of many pods, only the model pods (label them in the workloads' pod templates) are held
+        in memory. Placeholder pods get the same labels so they stay visible."""
         core, apps = client.CoreV1Api(api_client), client.AppsV1Api(api_client)
+        self.pod_labels = selector_labels(pod_selector)
 
         def scoped(namespaced: Any, everywhere: Any) -> tuple[Any, tuple[str, ...]]:
             return (namespaced, (namespace,)) if namespace else (everywhere, ())
@@ -64,7 +88,7 @@ class Caches:
         sts_fn, sts_args = scoped(
             apps.list_namespaced_stateful_set, apps.list_stateful_set_for_all_namespaces
         )
-        self.pods = informer.Informer(pods_fn, *pods_args, name="pods")
+        self.pods = informer.Informer(pods_fn, *pods_args, name="pods", label_selector=pod_selector or None)
         self.deployments = informer.Informer(dep_fn, *dep_args, name="deployments")
         self.statefulsets = informer.Informer(sts_fn, *sts_args, name="statefulsets")
         self.nodes = informer.Informer(core.list_node, name="nodes")
@@ -73,7 +97,21 @@ class Caches:
             discovery.list_namespaced_endpoint_slice, discovery.list_endpoint_slice_for_all_namespaces
         )
         self.endpointslices = informer.Informer(eps_fn, *eps_args, name="endpointslices")
-        self.all = (self.pods, self.deployments, self.statefulsets, self.nodes, self.endpointslices)
+        autoscaling = client.AutoscalingV2Api(api_client)
+        hpa_fn, hpa_args = scoped(
+            autoscaling.list_namespaced_horizontal_pod_autoscaler,
+            autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces,
+        )
+        self.hpas = informer.Informer(hpa_fn, *hpa_args, name="horizontalpodautoscalers")
+        """HPAs (KEDA's ScaledObjects create one too): a target they scale is left to them."""
+        self.all = (
+            self.pods,
+            self.deployments,
+            self.statefulsets,
+            self.nodes,
+            self.endpointslices,
+            self.hpas,
+        )
         self._node_memo: dict[str, tuple[str, tuple[cluster.NodeState, ...]]] = {}
         self._node_lock = threading.Lock()
 
@@ -92,17 +130,34 @@ class Caches:
         """Addresses of a Service's ready endpoints, from its EndpointSlices (no API call: the cache).
 
         This is the `balancer_endpoints` lookup of `controller.demand.Demands`: it finds the balancer
-        replicas to ask for `/signals`. Endpoints that are not ready, or terminating, are left out.
+        replicas to ask for `/signals`. Every endpoint whose `serving` is not false counts, terminating or
+        not: a terminating balancer replica still relays its streams for up to its grace period, and the
+        pods reached only through it would look empty (and be removed mid-stream) if it were not asked.
+        Without `serving` (older API servers), `ready` decides.
         """
         slices = self.endpointslices.by_label(namespace, {SERVICE_NAME_LABEL: service})
         addresses: set[str] = set()
         for eps in slices:
             for endpoint in eps.get("endpoints") or []:
                 conditions = endpoint.get("conditions") or {}
-                if conditions.get("ready") is False or conditions.get("terminating"):
+                serving = conditions.get("serving")
+                if serving is False or (serving is None and conditions.get("ready") is False):
                     continue
                 addresses.update(endpoint.get("addresses") or [])
         return sorted(addresses)
+
+    def other_scaler(self, namespace: str, kind: str, name: str) -> str | None:
+        """Who else scales this workload: "HorizontalPodAutoscaler <name>" or "KEDA ScaledObject <name>"
+        (KEDA scales through an HPA it owns), or None."""
+        for hpa in self.hpas.items(namespace):
+            ref = hpa.get("spec", {}).get("scaleTargetRef") or {}
+            if ref.get("kind") != kind or ref.get("name") != name:
+                continue
+            for owner in hpa["metadata"].get("ownerReferences") or []:
+                if owner.get("kind") == "ScaledObject":
+                    return f"KEDA ScaledObject {owner.get('name')}"
+            return f"HorizontalPodAutoscaler {hpa['metadata']['name']}"
+        return None
 
     def workloads(self, kind: str) -> informer.Informer:
         return self.deployments if kind == "Deployment" else self.statefulsets
@@ -143,10 +198,18 @@ class KubeCluster:
         self._node_samples: dict[str, float] = {}
         self._node_order: deque[str] = deque(maxlen=LEAD_TIME_SAMPLES)
         self._pod_states: dict[tuple[str, str], cluster.PodState] = {}
+        self._release_others = False
         self.update_policy(scaling_policy)
 
     def update_policy(self, scaling_policy: policy.ScalingPolicy) -> None:
-        """Follow a changed policy without losing measured lead times or the deletion costs written."""
+        """Follow a changed policy without losing measured lead times or the deletion costs written.
+
+        A switch of provisioner type releases what the old type holds, at the next `state()` (on a worker
+        thread: this method runs on the event loop and does no I/O).
+        """
+        old = getattr(self, "spec", None)
+        if old is not None and old.provisioner.type != scaling_policy.spec.provisioner.type:
+            self._release_others = True
         self.policy = scaling_policy
         self.namespace = scaling_policy.metadata.namespace
         self.spec = scaling_policy.spec
@@ -168,7 +231,31 @@ class KubeCluster:
         return obj
 
     def state(self) -> cluster.ClusterState:
+        if self._release_others:
+            done = provisioners.release_all(
+                self.api_client,
+                self.caches,
+                namespace=self.namespace,
+                name=self.policy.metadata.name,
+                keep=self.spec.provisioner.type,
+            )
+            self._release_others = False
+            if done:
+                log.info(
+                    "%s/%s: provisioner switched; released %s",
+                    self.namespace,
+                    self.policy.metadata.name,
+                    done,
+                )
         target = self.target()
+        ref = self.spec.scale_target_ref
+        other = self.caches.other_scaler(self.namespace, ref.kind, ref.name)
+        if other is not None:
+            raise errors.Refused(
+                "ScaledByOther",
+                f"{ref.kind} {self.namespace}/{ref.name} is also scaled by {other}: Forestall leaves it alone "
+                "rather than fight over its replicas; remove the other autoscaler, or this policy",
+            )
         gpus_per_replica = self.spec.capacity.gpus_per_replica
         raw_pods = self.pods(target)
         known, self._pod_states = self._pod_states, {}
@@ -195,6 +282,7 @@ class KubeCluster:
             measured_model_load_s=_median(s[1] for s in pods_med),
             lead_time_samples=self.lead_time_samples(),
             deletion_cost_overwrites=self.deletion_cost_overwrites(),
+            removal_order="highest-ordinal" if ref.kind == "StatefulSet" else "deletion-cost",
         )
 
     def pods(self, target: Obj | None = None) -> list[Obj]:
@@ -258,19 +346,43 @@ class KubeCluster:
             return
 
     def annotate(self, pod: str, annotations: Mapping[str, str | None]) -> None:
+        """Set (or, with None, remove) pod annotations, recording the ones cleanup must undo.
+
+        A deletion cost is written when the pod has none or still has the one this controller wrote (so a
+        raised cost can be lowered again); a different value is someone else's and is left alone
+        (`state()` reports it as overwritten).
+        """
         current = self.caches.pods.get(self.namespace, pod)
         if current is None:
             raise errors.NotFound(f"pod {self.namespace}/{pod} not found")
         have = current["metadata"].get("annotations") or {}
+        written = finalizing.wrote(current)
         patch: dict[str, str | None] = {}
         for key, value in annotations.items():
-            if key == cluster.DELETION_COST_ANNOTATION and value is not None and pod in self._costs_set:
-                continue  # set once; a different value now is someone else's, reported by state()
+            if key == cluster.DELETION_COST_ANNOTATION and value is not None:
+                found = have.get(key)
+                ours = written.get(key, self._costs_set.get(pod))
+                if found is not None and found != ours:
+                    continue  # someone else's value: reported by state(), never fought over
             if have.get(key) != value:
                 patch[key] = value
+                if key in finalizing.OWNED_KEYS:
+                    if value is None:
+                        written.pop(key, None)
+                    else:
+                        written[key] = value
         if not patch:
             return
-        body = {"metadata": {"annotations": patch}}
+        marker = finalizing.record(self.policy.metadata.name, written)
+        if marker != have.get(finalizing.WROTE_ANNOTATION):
+            patch[finalizing.WROTE_ANNOTATION] = marker
+        self._patch_annotations(pod, patch)
+        cost = patch.get(cluster.DELETION_COST_ANNOTATION)
+        if cost is not None:
+            self._costs_set[pod] = cost
+
+    def _patch_annotations(self, pod: str, patch: Mapping[str, str | None]) -> None:
+        body = {"metadata": {"annotations": dict(patch)}}
         written = api.call(
             client.CoreV1Api(self.api_client).patch_namespaced_pod,
             pod,
@@ -279,9 +391,14 @@ class KubeCluster:
             _content_type="application/merge-patch+json",
         )
         self.caches.pods.apply(written)
-        cost = patch.get(cluster.DELETION_COST_ANNOTATION)
-        if cost is not None:
-            self._costs_set[pod] = cost
+
+    def release(self) -> list[str]:
+        """The finalizer's work for this policy (`release_policy`)."""
+        self._costs_set.clear()
+        self._overwritten.clear()
+        return release_policy(
+            self.api_client, self.caches, namespace=self.namespace, name=self.policy.metadata.name
+        )
 
     def provision(self, gpus: int) -> None:
         self.provisioner.provision(gpus)
@@ -336,6 +453,33 @@ class KubeCluster:
                     found,
                 )
                 self._overwritten[name] = found if found is not None else ""
+
+
+def release_policy(api_client: client.ApiClient, caches: Caches, *, namespace: str, name: str) -> list[str]:
+    """The finalizer's work (`controller.kube.finalizing`): release all capacity held for policy `name` and
+    remove the annotations this controller wrote on its pods; one line per object touched. Needs no parsed
+    spec, so a policy deleted while invalid is cleaned up too."""
+    done = provisioners.release_all(api_client, caches, namespace=namespace, name=name)
+    core = client.CoreV1Api(api_client)
+    for obj in caches.pods.items(namespace):
+        if finalizing.owner_of_record(obj) != name:
+            continue
+        patch = finalizing.unmark_patch(obj)
+        if not patch:
+            continue
+        try:
+            written = api.call(
+                core.patch_namespaced_pod,
+                obj["metadata"]["name"],
+                namespace,
+                {"metadata": {"annotations": patch}},
+                _content_type="application/merge-patch+json",
+            )
+        except errors.NotFound:
+            continue
+        caches.pods.apply(written)
+        done.append(f"unmarked pod {obj['metadata']['name']}")
+    return done
 
 
 # --- object -> state ---------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ client-go's informers do: list once, then watch from the list's `resourceVersion
 in-memory store. Reads are dict lookups. A label index (`by_label`) finds a workload's pods without scanning
 every pod in the namespace.
 
-Watches ask for bookmarks (`allowWatchBookmarks`) so the resourceVersion to resume from stays fresh even on
+Lists are paginated (`LIST_PAGE_SIZE` items a request, `limit`/`continue`), so a large cluster is read in
+bounded pieces. Watches ask for bookmarks (`allowWatchBookmarks`) so the resourceVersion to resume from stays fresh even on
 a quiet resource, end after `WATCH_WINDOW_S` and resume from the last version seen; a `410 Expired` (history
 compacted) or any failure means a fresh list, after a backoff. Objects are kept as the decoded JSON dicts.
 
@@ -38,6 +39,10 @@ Key = tuple[str, str]
 WATCH_WINDOW_S = 300
 """Each watch request ends after this long and resumes from the last resourceVersion (like client-go's 5-10
 minutes), so a connection silently dropped by a proxy is noticed."""
+
+LIST_PAGE_SIZE = 500
+"""Items per list request (client-go's pager default): a list of 10,000 pods arrives in 20 bounded answers
+instead of one response the API server must build whole in memory (and may time out on)."""
 
 RELIST_BACKOFF_S = (0.5, 1.0, 2.0, 5.0, 10.0)
 """Waits before re-listing after consecutive failures; capped at 10 s so a restarted API server is picked up
@@ -111,6 +116,10 @@ class Informer:
         if self._thread is not None:
             self._thread.join(timeout_s)
 
+    def alive(self) -> bool:
+        """True while the watch thread runs (it never ends on its own before `stop()`)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def wait_synced(self, timeout_s: float) -> bool:
         return self.synced.wait(timeout_s)
 
@@ -156,11 +165,23 @@ class Informer:
                 self._stop.wait(RELIST_BACKOFF_S[min(failures, len(RELIST_BACKOFF_S)) - 1])
 
     def _list(self) -> None:
-        body = api.call(self.list_fn, *self.args, label_selector=self.label_selector)
+        """List every page (`limit`/`continue`, `LIST_PAGE_SIZE` at a time), then replace the store.
+
+        An expired continue token (410) fails the list, which is retried from the start after a backoff.
+        """
         items: dict[Key, Obj] = {}
-        for obj in body.get("items", []):
-            meta = obj["metadata"]
-            items[(meta.get("namespace", ""), meta["name"])] = obj
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"label_selector": self.label_selector, "limit": LIST_PAGE_SIZE}
+            if token:
+                kwargs["_continue"] = token
+            body = api.call(self.list_fn, *self.args, **kwargs)
+            for obj in body.get("items", []):
+                meta = obj["metadata"]
+                items[(meta.get("namespace", ""), meta["name"])] = obj
+            token = body.get("metadata", {}).get("continue") or None
+            if token is None:
+                break
         with self._lock:
             gone = [key for key in self._items if key not in items]
             self._items.clear()

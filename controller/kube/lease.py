@@ -17,6 +17,18 @@ interoperate):
 - on stop, release: clear `holderIdentity` and shorten the lease to 1 s, so the other replica takes over
   within a retry period instead of a lease duration (client-go's `ReleaseOnCancel`).
 
+It outlives the API server. Any failure of an attempt (a 5xx, a 429, a timeout, a refused connection, an
+unexpected body) is one failed attempt, logged, never the end of `run()`. Each request carries a timeout
+(`request_timeout()`: a retry period to connect, half the renew deadline to answer), and `run()` never
+waits for an attempt longer than a retry period: a hung attempt counts as failed while its thread finishes
+on its own timeout, and no second attempt starts beside it. The step-down is a timer, not a side effect of
+an attempt returning: `is_leader` is False as soon as the renew deadline has passed since the start of the
+last successful attempt, whatever any thread is doing, and `run()` announces it within a retry period. So a
+leader blocked on a hung API server stops acting before a follower can take over (renew deadline < lease
+duration).
+
+`heartbeat_s` (monotonic time of the last loop turn) lets `/healthz` see that `run()` is still turning.
+
 Every I/O call blocks and runs on a worker thread; time comes from the injected `Clock`.
 """
 
@@ -75,16 +87,49 @@ class LeaseElector:
         self.lease_duration_s = lease_duration_s
         self.renew_deadline_s = renew_deadline_s
         self.retry_period_s = retry_period_s
-        self.is_leader = False
+        self._leading = False
         self._observed: tuple[Any, ...] | None = None
         self._observed_at = 0.0
         self._last_renew = 0.0
+        self.heartbeat_s: float | None = None
+        """Monotonic time of `run()`'s last turn; None before it started."""
+        self.failed_attempts = 0
+        """Consecutive failed attempts (errors and hangs), for logs and health."""
+
+    @property
+    def is_leader(self) -> bool:
+        """True while this replica holds the Lease and renewed it within the renew deadline."""
+        return self._leading and self.clock.monotonic() - self._last_renew < self.renew_deadline_s
+
+    def request_timeout(self) -> tuple[float, float]:
+        """(connect, read) timeout of one Lease request: bounded well inside the renew deadline."""
+        return (self.retry_period_s, self.renew_deadline_s / 2)
+
+    def attempt(self) -> tuple[bool, float]:
+        """One attempt that never raises (blocking): (holds the Lease, monotonic time it started)."""
+        started = self.clock.monotonic()
+        try:
+            return self.try_acquire_or_renew(), started
+        except Exception as exc:  # any failure is a failed attempt, never the end of the elector
+            log.warning("lease %s/%s: attempt failed: %s", self.namespace, self.name, exc)
+            return False, started
 
     def try_acquire_or_renew(self) -> bool:
-        """One attempt (blocking): True when this replica holds the Lease afterwards."""
+        """One attempt (blocking): True when this replica holds the Lease afterwards.
+
+        Raises:
+            errors.ClusterError: reading the Lease failed (other than 404); `attempt()` catches it.
+        """
         now_mono, now = self.clock.monotonic(), self.clock.now()
+        timeout = self.request_timeout()
         try:
-            lease = api.call(self.coordination.read_namespaced_lease, self.name, self.namespace, attempts=1)
+            lease = api.call(
+                self.coordination.read_namespaced_lease,
+                self.name,
+                self.namespace,
+                attempts=1,
+                _request_timeout=timeout,
+            )
         except errors.NotFound:
             body = {
                 "apiVersion": "coordination.k8s.io/v1",
@@ -93,7 +138,13 @@ class LeaseElector:
                 "spec": self._spec(now, acquire=True, transitions=0),
             }
             try:
-                api.call(self.coordination.create_namespaced_lease, self.namespace, body, attempts=1)
+                api.call(
+                    self.coordination.create_namespaced_lease,
+                    self.namespace,
+                    body,
+                    attempts=1,
+                    _request_timeout=timeout,
+                )
             except errors.ClusterError as exc:
                 log.info("lease %s/%s: could not create: %s", self.namespace, self.name, exc)
                 return False
@@ -114,7 +165,14 @@ class LeaseElector:
             new_spec["acquireTime"] = spec["acquireTime"]
         lease["spec"] = new_spec
         try:
-            api.call(self.coordination.replace_namespaced_lease, self.name, self.namespace, lease, attempts=1)
+            api.call(
+                self.coordination.replace_namespaced_lease,
+                self.name,
+                self.namespace,
+                lease,
+                attempts=1,
+                _request_timeout=timeout,
+            )
         except errors.ClusterError as exc:
             log.info(
                 "lease %s/%s: could not %s: %s",
@@ -131,16 +189,31 @@ class LeaseElector:
     def release(self) -> None:
         """Give the Lease up (blocking) if we hold it, so another replica takes over at once."""
         if not self.is_leader:
+            self._leading = False
             return
-        self.is_leader = False
+        self._leading = False
+        timeout = self.request_timeout()
         try:
-            lease = api.call(self.coordination.read_namespaced_lease, self.name, self.namespace, attempts=1)
+            lease = api.call(
+                self.coordination.read_namespaced_lease,
+                self.name,
+                self.namespace,
+                attempts=1,
+                _request_timeout=timeout,
+            )
             if lease.get("spec", {}).get("holderIdentity") != self.identity:
                 return
             del lease["spec"]["holderIdentity"]
             lease["spec"]["leaseDurationSeconds"] = 1
             lease["spec"]["renewTime"] = api.micro_time(self.clock.now())
-            api.call(self.coordination.replace_namespaced_lease, self.name, self.namespace, lease, attempts=1)
+            api.call(
+                self.coordination.replace_namespaced_lease,
+                self.name,
+                self.namespace,
+                lease,
+                attempts=1,
+                _request_timeout=timeout,
+            )
             log.info("lease %s/%s: released by %s", self.namespace, self.name, self.identity)
         except errors.ClusterError as exc:
             log.warning(
@@ -148,48 +221,67 @@ class LeaseElector:
             )
 
     async def run(self, stop: asyncio.Event, on_change: Callable[[bool], None] | None = None) -> None:
-        """Acquire and renew until `stop` is set, then release. `on_change(is_leader)` on every transition."""
+        """Acquire and renew until `stop` is set, then release. `on_change(is_leader)` on every transition.
+
+        Turns once per retry period whatever the API server does (see the module docstring); raises only
+        on cancellation.
+        """
+        pending: asyncio.Future[tuple[bool, float]] | None = None
+        announced = False
         try:
             while not stop.is_set():
-                held = await asyncio.to_thread(self.try_acquire_or_renew)
-                now_mono = self.clock.monotonic()
-                if held:
-                    self._last_renew = now_mono
-                    self._set(True, on_change)
-                elif self.is_leader and now_mono - self._last_renew >= self.renew_deadline_s:
+                self.heartbeat_s = self.clock.monotonic()
+                if pending is None:
+                    pending = asyncio.ensure_future(asyncio.to_thread(self.attempt))
+                await _first(stop, self.clock.sleep(self.retry_period_s), pending)
+                if pending.done():
+                    held, started = pending.result()
+                    pending = None
+                    if held:
+                        self.failed_attempts = 0
+                        self._last_renew = max(self._last_renew, started)
+                        self._leading = True
+                    else:
+                        self.failed_attempts += 1
+                else:
+                    self.failed_attempts += 1
+                    log.warning(
+                        "lease %s/%s: attempt still running after %.0f s; counted as failed",
+                        self.namespace,
+                        self.name,
+                        self.retry_period_s,
+                    )
+                if self._leading and not self.is_leader:
                     log.warning(
                         "lease %s/%s: could not renew for %.0f s: stepping down",
                         self.namespace,
                         self.name,
                         self.renew_deadline_s,
                     )
-                    self._set(False, on_change)
-                sleeper = asyncio.ensure_future(self.clock.sleep(self.retry_period_s))
-                stopper = asyncio.ensure_future(stop.wait())
-                try:
-                    await asyncio.wait({sleeper, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    for task in (sleeper, stopper):
-                        task.cancel()
-                    await asyncio.gather(sleeper, stopper, return_exceptions=True)
+                    self._leading = False
+                leading = self.is_leader
+                if leading != announced:
+                    announced = leading
+                    self._announce(leading, on_change)
+                if pending is None and not stop.is_set():
+                    await _first(stop, self.clock.sleep(self.retry_period_s))
         finally:
-            was_leader = self.is_leader
+            if pending is not None:
+                pending.cancel()  # the thread finishes on its own request timeout; its answer is not needed
             await asyncio.shield(asyncio.to_thread(self.release))
-            if was_leader and on_change is not None:
+            if announced and on_change is not None:
                 on_change(False)
 
-    def _set(self, leader: bool, on_change: Callable[[bool], None] | None) -> None:
-        if leader != self.is_leader:
-            self.is_leader = leader
-            log.info(
-                "lease %s/%s: %s is %s",
-                self.namespace,
-                self.name,
-                self.identity,
-                "leading" if leader else "following",
-            )
-            if on_change is not None:
-                on_change(leader)
+    def _announce(self, leader: bool, on_change: Callable[[bool], None] | None) -> None:
+        log.info(
+            "lease %s/%s: %s is %s",
+            self.namespace,
+            self.name,
+            self.identity,
+            "leading" if leader else "following",
+        )
+        if on_change is not None:
+            on_change(leader)
 
     def _spec(self, now: float, *, acquire: bool, transitions: int) -> Obj:
         stamp = api.micro_time(now)
@@ -202,3 +294,16 @@ class LeaseElector:
         if acquire:
             spec["acquireTime"] = stamp
         return spec
+
+
+async def _first(stop: asyncio.Event, *awaitables: Any) -> None:
+    """Wait until `stop` is set or any of `awaitables` finishes; cancel the helpers it started, not the rest."""
+    stopper = asyncio.ensure_future(stop.wait())
+    started = [a if isinstance(a, asyncio.Future) else asyncio.ensure_future(a) for a in awaitables]
+    ours = [stopper] + [f for f, a in zip(started, awaitables, strict=True) if f is not a]
+    try:
+        await asyncio.wait({stopper, *started}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in ours:
+            task.cancel()
+        await asyncio.gather(*ours, return_exceptions=True)

@@ -2,8 +2,12 @@
 
 Each provisioner answers `status() -> (provisioned_gpus, pending_gpus)` and does `provision(gpus)` (0
 releases everything it holds). Capacity is counted in replica-shaped chunks: `ceil(gpus / gpusPerReplica)`
-pods, each requesting `gpusPerReplica` of `capacity.gpuResourceName` and copying the target's scheduling
-constraints (nodeSelector, affinity, tolerations), so the nodes that come up are the ones the real pods fit.
+pods shaped like one of the target's pods (`pod_spec()`): every container's requests and limits (a vLLM pod
+needs its 4 CPUs and 32 GiB on the same node as its GPU, or Karpenter picks the cheapest one-GPU node where
+the real pod does not fit), and the target's nodeSelector, affinity, tolerations,
+topologySpreadConstraints, runtimeClassName and schedulerName. The containers run the controller's own
+image (`PLACEHOLDER_IMAGE`, pause), never one a policy names, under a securityContext that passes the
+`restricted` Pod Security Standard, so they are admitted wherever the workers are.
 
 - `pods`: nothing extra; scaling the target ahead of the peak leaves pods pending, which is what Karpenter
   and cluster-autoscaler react to.
@@ -12,12 +16,19 @@ constraints (nodeSelector, affinity, tolerations), so the nodes that come up are
   v1beta1, then v1alpha1), because clusters run different cluster-autoscaler releases.
 - `placeholder`: low-priority pods of a PriorityClass with a negative value and `preemptionPolicy: Never`
   (created if absent): they hold nodes, never push anything out, and the scheduler evicts them the moment a
-  real pod needs the GPUs.
+  real pod needs the GPUs. A named PriorityClass that exists with a value >= 0 or another preemption policy
+  refuses the policy (`errors.Refused`, reason `PriorityClassRefused`): placeholders at that priority
+  would preempt real workloads.
 - `provisioningRequest`: a cluster-autoscaler ProvisioningRequest for the chunks, with a PodTemplate. Its
   spec is immutable, so a new count means a new request. Capacity is booked only for a limited time after
   `Provisioned=True` (`provisioner.provisioningRequest.bookingSeconds`, about 10 minutes in
   cluster-autoscaler); while the capacity is still wanted the controller renews the request
   `RENEW_MARGIN_S` before the booking lapses by creating a fresh one and deleting the old.
+
+Everything a provisioner creates carries an ownerReference to its ScalingPolicy (`owner_references()`), so
+Kubernetes' garbage collector removes it with the policy whatever happens to the controller, and the label
+`forestall.dev/policy`, by which `release_all()` finds and deletes it when the policy is deleted, switches
+provisioner type or moves to dryRun (the finalizer's work, `controller.kube.finalizing`).
 
 What this module does not do: decide how many GPUs to hold (`decide()` does) or read demand.
 """
@@ -53,11 +64,49 @@ CAPACITY_BUFFER_VERSIONS = ("v1", "v1beta1", "v1alpha1")
 """Newest first: the first the server serves `capacitybuffers` at is used."""
 
 PROVISIONING_REQUEST_VERSION = "v1"
+CHECK_CAPACITY_CLASS = "check-capacity.autoscaling.x-k8s.io"
+"""A ProvisioningRequest class that only checks whether capacity exists; it never counts as held."""
+
+CONSUME_ANNOTATION = "autoscaling.x-k8s.io/consume-provisioning-request"
+"""Pod annotation naming the ProvisioningRequest whose booked capacity the pod may use."""
 RENEW_MARGIN_S = 60.0
 """Renew a ProvisioningRequest this long before its booking lapses: one reconcile interval plus slack."""
 
 PLACEHOLDER_PRIORITY = -10
 """Below the default 0, so every ordinary pod preempts a placeholder."""
+
+PLACEHOLDER_IMAGE = "registry.k8s.io/pause:3.10"
+"""The only image capacity-holding pods run: it does nothing, is small, and is the controller's choice,
+not a policy author's (the controller creates pods under its own grant)."""
+
+NON_ROOT_UID = 65535
+"""The pause image's own non-root user."""
+
+SCHEDULING_FIELDS = (
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+    "topologySpreadConstraints",
+    "runtimeClassName",
+    "schedulerName",
+)
+"""Pod spec fields that decide where a pod may land: copied from the target so capacity comes up where the
+workers fit."""
+
+RESTRICTED_POD_SECURITY: Obj = {
+    "runAsNonRoot": True,
+    "runAsUser": NON_ROOT_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+"""Pod-level securityContext meeting the `restricted` Pod Security Standard."""
+
+RESTRICTED_CONTAINER_SECURITY: Obj = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+}
+"""Container-level securityContext meeting the `restricted` Pod Security Standard."""
 
 
 class Provisioner(Protocol):
@@ -122,24 +171,36 @@ class _Base:
     def labels(self) -> dict[str, str]:
         return {POLICY_LABEL: self.name}
 
-    def pod_spec(self, *, image: str = "registry.k8s.io/pause:3.10") -> Obj:
-        """A replica-shaped pod spec: the target's scheduling constraints, a pause container with the GPUs."""
+    def metadata(self, **meta: Any) -> Obj:
+        """Metadata of an object this provisioner creates: namespace, labels, owner."""
+        out: Obj = {"namespace": self.namespace, "labels": self.labels(), **meta}
+        owners = owner_references(self.policy)
+        if owners:
+            out["ownerReferences"] = owners
+        return out
+
+    def pod_spec(self) -> Obj:
+        """One replica-shaped pod spec: the target's containers' resources and scheduling fields, run as
+        the controller's pause image under a restricted securityContext (see the module docstring)."""
         ref = self.spec.scale_target_ref
         target = self.caches.workloads(ref.kind).get(self.namespace, ref.name) or {}
         template = target.get("spec", {}).get("template", {}).get("spec", {})
-        gpus = str(self.spec.capacity.gpus_per_replica)
-        resources = {self.spec.capacity.gpu_resource_name: gpus}
+        gpu = self.spec.capacity.gpu_resource_name
+        containers = [_holder(c) for c in template.get("containers") or []]
+        if not any(gpu in c["resources"].get("requests", {}) for c in containers):
+            # no target (yet) or one that does not ask for the GPU: hold the GPUs one replica needs
+            want = {gpu: str(self.spec.capacity.gpus_per_replica)}
+            containers.append(_holder({"name": "capacity", "resources": {"requests": want, "limits": want}}))
         spec: Obj = {
-            "containers": [
-                {
-                    "name": "capacity",
-                    "image": image,
-                    "resources": {"requests": resources, "limits": resources},
-                }
-            ],
+            "containers": containers,
             "terminationGracePeriodSeconds": 0,
+            "automountServiceAccountToken": False,
+            "securityContext": dict(RESTRICTED_POD_SECURITY),
         }
-        for key in ("nodeSelector", "affinity", "tolerations"):
+        init = [_holder(c) for c in template.get("initContainers") or [] if (c.get("resources") or {})]
+        if init:
+            spec["initContainers"] = init
+        for key in SCHEDULING_FIELDS:
             if template.get(key):
                 spec[key] = template[key]
         return spec
@@ -149,7 +210,7 @@ class _Base:
         body: Obj = {
             "apiVersion": "v1",
             "kind": "PodTemplate",
-            "metadata": {"name": name, "namespace": self.namespace, "labels": self.labels()},
+            "metadata": self.metadata(name=name),
             "template": {"metadata": {"labels": self.labels()}, "spec": self.pod_spec()},
         }
         key = (self.api_client.configuration.host, self.namespace, name)
@@ -165,6 +226,129 @@ class _Base:
                 api.call(self.core.replace_namespaced_pod_template, name, self.namespace, body)
                 del body["metadata"]["resourceVersion"]
         _ENSURED[key] = body
+
+
+def _holder(container: Obj) -> Obj:
+    """A pause container with the resources of `container` (requests defaulted from limits, as the API
+    server does) and a restricted securityContext."""
+    resources = container.get("resources") or {}
+    limits = dict(resources.get("limits") or {})
+    requests = {**limits, **(resources.get("requests") or {})}
+    out: Obj = {
+        "name": container["name"],
+        "image": PLACEHOLDER_IMAGE,
+        "resources": {k: v for k, v in (("requests", requests), ("limits", limits)) if v},
+        "securityContext": dict(RESTRICTED_CONTAINER_SECURITY),
+    }
+    if container.get("restartPolicy"):
+        out["restartPolicy"] = container["restartPolicy"]  # a native sidecar counts beside the containers
+    return out
+
+
+def owner_references(scaling_policy: policy.ScalingPolicy) -> list[Obj]:
+    """The ownerReference to a ScalingPolicy (none before the API server gave it a uid).
+
+    `blockOwnerDeletion` is left unset: setting it needs the `update` verb on the policy's finalizers
+    subresource, and the finalizer already orders the cleanup.
+    """
+    uid = scaling_policy.metadata.uid
+    if not uid:
+        return []
+    return [
+        {
+            "apiVersion": policy.API_VERSION,
+            "kind": policy.KIND,
+            "name": scaling_policy.metadata.name,
+            "uid": uid,
+            "controller": True,
+        }
+    ]
+
+
+def release_all(
+    api_client: client.ApiClient,
+    caches: kube_cluster.Caches,
+    *,
+    namespace: str,
+    name: str,
+    keep: str | None = None,
+) -> list[str]:
+    """Delete everything the provisioners made for policy `name` (labelled `forestall.dev/policy`), except
+    the objects of provisioner type `keep`; returns one line per deleted object.
+
+    Kinds the server does not serve (no CapacityBuffer CRD, no ProvisioningRequest CRD) are skipped.
+    """
+    core = client.CoreV1Api(api_client)
+    custom = client.CustomObjectsApi(api_client)
+    selector = f"{POLICY_LABEL}={name}"
+    done: list[str] = []
+    if keep != "placeholder":
+        for pod in caches.pods.by_label(namespace, {POLICY_LABEL: name, PLACEHOLDER_LABEL: "true"}):
+            _delete(core.delete_namespaced_pod, pod["metadata"]["name"], namespace)
+            caches.pods.apply(pod, deleted=True)
+            done.append(f"pod {pod['metadata']['name']}")
+    kinds = [("capacityBuffer", "capacitybuffers"), ("provisioningRequest", "provisioningrequests")]
+    kept_templates: set[str] = set()
+    for kind, plural in kinds:
+        version = _served_version(api_client, plural)
+        if version is None:
+            continue
+        try:
+            listed = api.call(
+                custom.list_namespaced_custom_object,
+                CAPACITY_GROUP,
+                version,
+                namespace,
+                plural,
+                label_selector=selector,
+            )
+        except errors.Forbidden:
+            continue  # not granted (no cluster-autoscaler overlay): the controller never made any
+        for item in listed.get("items", []):
+            item_name = item["metadata"]["name"]
+            if kind == keep:
+                spec = item.get("spec", {})
+                refs = [spec.get("podTemplateRef")] + [
+                    ps.get("podTemplateRef") for ps in spec.get("podSets", [])
+                ]
+                kept_templates.update(r["name"] for r in refs if r and r.get("name"))
+                continue
+            _delete(
+                custom.delete_namespaced_custom_object, CAPACITY_GROUP, version, namespace, plural, item_name
+            )
+            done.append(f"{plural} {item_name}")
+    try:
+        templates = api.call(core.list_namespaced_pod_template, namespace, label_selector=selector)
+    except errors.Forbidden:
+        templates = {}  # not granted (no cluster-autoscaler overlay): the controller never made any
+    for item in templates.get("items", []):
+        item_name = item["metadata"]["name"]
+        if item_name in kept_templates:
+            continue
+        _delete(core.delete_namespaced_pod_template, item_name, namespace)
+        _ENSURED.pop((api_client.configuration.host, namespace, item_name), None)
+        done.append(f"podtemplate {item_name}")
+    return done
+
+
+def _served_version(api_client: client.ApiClient, plural: str) -> str | None:
+    versions = CAPACITY_BUFFER_VERSIONS if plural == "capacitybuffers" else (PROVISIONING_REQUEST_VERSION,)
+    custom = client.CustomObjectsApi(api_client)
+    for version in versions:
+        try:
+            found = api.call(custom.get_api_resources, CAPACITY_GROUP, version)
+        except errors.NotFound:
+            continue
+        if any(r.get("name") == plural for r in found.get("resources", [])):
+            return version
+    return None
+
+
+def _delete(fn: Any, *args: Any) -> None:
+    try:
+        api.call(fn, *args)
+    except errors.NotFound:
+        pass  # already gone
 
 
 _ENSURED: dict[tuple[str, str, str], Obj] = {}
@@ -233,11 +417,7 @@ class CapacityBuffer:
             body = {
                 "apiVersion": f"{CAPACITY_GROUP}/{version}",
                 "kind": "CapacityBuffer",
-                "metadata": {
-                    "name": self.buffer_name,
-                    "namespace": self.base.namespace,
-                    "labels": self.base.labels(),
-                },
+                "metadata": self.base.metadata(name=self.buffer_name),
                 "spec": {"podTemplateRef": {"name": self.buffer_name}, "replicas": chunks},
             }
             api.call(
@@ -286,13 +466,18 @@ class Placeholder:
         return len(pods) * per, pending * per
 
     def ensure_priority_class(self) -> None:
+        """Create the PriorityClass if absent; refuse one that exists and could preempt real pods.
+
+        Raises:
+            errors.Refused: the class has a value >= 0 or a preemptionPolicy other than Never.
+        """
         scheduling = client.SchedulingV1Api(self.base.api_client)
         name = self.settings.priority_class_name
         key = (self.base.api_client.configuration.host, name)
         if key in _PRIORITY_CLASSES:
             return
         try:
-            api.call(scheduling.read_priority_class, name)
+            found = api.call(scheduling.read_priority_class, name)
         except errors.NotFound:
             body = {
                 "apiVersion": "scheduling.k8s.io/v1",
@@ -307,6 +492,15 @@ class Placeholder:
                 api.call(scheduling.create_priority_class, body)
             except errors.Conflict:
                 pass  # another replica created it first
+        else:
+            value, preemption = found.get("value", 0), found.get("preemptionPolicy", "PreemptLowerPriority")
+            if value >= 0 or preemption != "Never":
+                raise errors.Refused(
+                    "PriorityClassRefused",
+                    f"provisioner.placeholder.priorityClassName {name!r} has value {value} and preemptionPolicy "
+                    f"{preemption}: placeholders must have a negative value and preemptionPolicy Never, or they "
+                    "would preempt real pods; name another class or remove the field to use forestall-placeholder",
+                )
         _PRIORITY_CLASSES.add(key)
 
     def provision(self, gpus: int) -> None:
@@ -315,17 +509,16 @@ class Placeholder:
         if want > len(pods):
             self.ensure_priority_class()
         for _ in range(want - len(pods)):
-            labels = {**self.base.labels(), PLACEHOLDER_LABEL: "true"}
+            labels = {**self.base.caches.pod_labels, **self.base.labels(), PLACEHOLDER_LABEL: "true"}
             body = {
                 "apiVersion": "v1",
                 "kind": "Pod",
                 "metadata": {
-                    "generateName": f"{self.base.name}-placeholder-",
-                    "namespace": self.base.namespace,
+                    **self.base.metadata(generateName=f"{self.base.name}-placeholder-"),
                     "labels": labels,
                 },
                 "spec": {
-                    **self.base.pod_spec(image=self.settings.image),
+                    **self.base.pod_spec(),
                     "priorityClassName": self.settings.priority_class_name,
                 },
             }
@@ -366,7 +559,10 @@ class ProvisioningRequest:
             label_selector=f"{POLICY_LABEL}={self.base.name}",
         )
         items: list[Obj] = body.get("items", [])
-        return sorted(items, key=lambda o: int(o["metadata"].get("resourceVersion", 0)))
+        # oldest first by creation time (name breaks ties within a second); a resourceVersion is opaque
+        return sorted(
+            items, key=lambda o: (o["metadata"].get("creationTimestamp") or "", o["metadata"]["name"])
+        )
 
     def _count(self, request: Obj) -> int:
         return sum(int(ps.get("count", 0)) for ps in request.get("spec", {}).get("podSets", []))
@@ -384,6 +580,8 @@ class ProvisioningRequest:
         )
 
     def status(self) -> tuple[int, int]:
+        if self.settings.provisioning_class_name == CHECK_CAPACITY_CLASS:
+            return 0, 0  # check-capacity only answers whether capacity exists: it adds and holds nothing
         per = self.base.spec.capacity.gpus_per_replica
         provisioned = pending = 0
         now = self.base.clock.now()
@@ -417,16 +615,17 @@ class ProvisioningRequest:
                     now - since,
                 )
                 keep = False
+        if not keep:
+            # delete before create: a renewal must not book the capacity twice, even for a moment
+            for request in requests:
+                self._delete(request["metadata"]["name"])
+            requests = []
         if want > 0 and not keep:
             self.base.ensure_pod_template(self.template_name)
             body = {
                 "apiVersion": f"{CAPACITY_GROUP}/{PROVISIONING_REQUEST_VERSION}",
                 "kind": "ProvisioningRequest",
-                "metadata": {
-                    "generateName": f"{self.base.name}-",
-                    "namespace": self.base.namespace,
-                    "labels": self.base.labels(),
-                },
+                "metadata": self.base.metadata(generateName=f"{self.base.name}-"),
                 "spec": {
                     "provisioningClassName": self.settings.provisioning_class_name,
                     "podSets": [{"podTemplateRef": {"name": self.template_name}, "count": want}],
@@ -445,14 +644,45 @@ class ProvisioningRequest:
             keep_name = current["metadata"]["name"] if current is not None and want > 0 else ""
         for request in requests:
             if request["metadata"]["name"] != keep_name:
-                try:
-                    api.call(
-                        self.base.custom.delete_namespaced_custom_object,
-                        CAPACITY_GROUP,
-                        PROVISIONING_REQUEST_VERSION,
-                        self.base.namespace,
-                        "provisioningrequests",
-                        request["metadata"]["name"],
-                    )
-                except errors.NotFound:
-                    pass
+                self._delete(request["metadata"]["name"])
+        if keep_name:
+            self._bind_pending_pods(keep_name)
+
+    def _delete(self, name: str) -> None:
+        _delete(
+            self.base.custom.delete_namespaced_custom_object,
+            CAPACITY_GROUP,
+            PROVISIONING_REQUEST_VERSION,
+            self.base.namespace,
+            "provisioningrequests",
+            name,
+        )
+
+    def _bind_pending_pods(self, request_name: str) -> None:
+        """Mark the target's unscheduled pods to consume the request's booked capacity: cluster-autoscaler
+        only lets pods carrying `CONSUME_ANNOTATION` (naming the request) onto the nodes it booked."""
+        ref = self.base.spec.scale_target_ref
+        target = self.base.caches.workloads(ref.kind).get(self.base.namespace, ref.name)
+        if target is None:
+            return
+        labels = target.get("spec", {}).get("selector", {}).get("matchLabels") or {}
+        core = client.CoreV1Api(self.base.api_client)
+        for pod in self.base.caches.pods.by_label(self.base.namespace, labels):
+            meta = pod["metadata"]
+            if pod.get("spec", {}).get("nodeName") or meta.get("deletionTimestamp"):
+                continue
+            if PLACEHOLDER_LABEL in (meta.get("labels") or {}):
+                continue
+            if (meta.get("annotations") or {}).get(CONSUME_ANNOTATION) == request_name:
+                continue
+            try:
+                written = api.call(
+                    core.patch_namespaced_pod,
+                    meta["name"],
+                    self.base.namespace,
+                    {"metadata": {"annotations": {CONSUME_ANNOTATION: request_name}}},
+                    _content_type="application/merge-patch+json",
+                )
+            except errors.NotFound:
+                continue
+            self.base.caches.pods.apply(written)

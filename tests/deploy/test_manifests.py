@@ -888,14 +888,15 @@ def test_controller_grants_are_exactly_what_it_uses(rendered: dict[str, list[Obj
     """The writes match the calls in controller/kube/ (scale: read then replace; status: merge patch)."""
     grants = rbac_grants(rendered["base"], "forestall-controller")
     assert _write(grants["*"]) == {
+        ("forestall.dev", "scalingpolicies", "patch"),  # the finalizer only
         ("forestall.dev", "scalingpolicies/status", "patch"),
         ("apps", "deployments/scale", "update"),
         ("apps", "statefulsets/scale", "update"),
-        ("", "pods", "patch"),
-        ("", "pods", "create"),
-        ("", "pods", "delete"),
         ("events.k8s.io", "events", "create"),
     }
+    # pod writes only where models run: a RoleBinding per model namespace, never cluster-wide
+    per_namespace = rbac_grants(rendered["base"] + rendered["examples"], "forestall-controller")
+    assert _write(per_namespace["llm"]) == {("", "pods", v) for v in ("patch", "create", "delete")}
     assert not any(v == "get" and r in ("pods", "nodes", "deployments") for _, r, v in grants["*"]), (
         "caches list"
     )
@@ -907,6 +908,7 @@ def test_controller_grants_are_exactly_what_it_uses(rendered: dict[str, list[Obj
         ("", "pods"),
         ("", "nodes"),
         ("discovery.k8s.io", "endpointslices"),
+        ("autoscaling", "horizontalpodautoscalers"),  # a target an HPA or KEDA scales is left alone
     }
     assert ("scheduling.k8s.io", "priorityclasses", "get") in grants["*"]
     # Leader election: Leases in its own namespace only, never cluster-wide.
@@ -920,14 +922,18 @@ def test_overlays_add_only_their_node_autoscaler_apis(rendered: dict[str, list[O
     added = rbac_grants(rendered["cluster-autoscaler"], "forestall-controller")["*"] - base["*"]
     assert added == {
         ("autoscaling.x-k8s.io", "capacitybuffers", "get"),
+        ("autoscaling.x-k8s.io", "capacitybuffers", "list"),
         ("autoscaling.x-k8s.io", "capacitybuffers", "create"),
         ("autoscaling.x-k8s.io", "capacitybuffers", "patch"),
+        ("autoscaling.x-k8s.io", "capacitybuffers", "delete"),
         ("autoscaling.x-k8s.io", "provisioningrequests", "list"),
         ("autoscaling.x-k8s.io", "provisioningrequests", "create"),
         ("autoscaling.x-k8s.io", "provisioningrequests", "delete"),
         ("", "podtemplates", "get"),
+        ("", "podtemplates", "list"),
         ("", "podtemplates", "create"),
         ("", "podtemplates", "update"),
+        ("", "podtemplates", "delete"),
     }
 
 
@@ -938,7 +944,10 @@ def test_dry_run_controller_cannot_change_workloads(rendered: dict[str, list[Obj
         ("events.k8s.io", "events"),
     }
     base = rbac_grants(rendered["base"], "forestall-controller")
-    assert grants["*"] - _write(grants["*"]) == base["*"] - _write(base["*"]), "reads as much as the base"
+    full = rbac_grants(rendered["cluster-autoscaler"], "forestall-controller")
+    # Regression: the dry-run overlay got a 403 every cycle reading CapacityBuffers and ProvisioningRequests.
+    reads = grants["*"] - _write(grants["*"])
+    assert reads == full["*"] - _write(full["*"]), "reads everything the controller reads, in every install"
     assert grants[NAMESPACE] == base[NAMESPACE], "still elects a leader"
 
 
@@ -1049,7 +1058,7 @@ def test_every_typed_client_call_in_the_controller_is_granted(rendered: dict[str
     (ScalingPolicies, CapacityBuffers, ProvisioningRequests) name their resource in arguments and are left to
     that e2e test. `create_priority_class` is the one call not granted: the base ships the PriorityClass.
     """
-    grants = rbac_grants(rendered["cluster-autoscaler"], "forestall-controller")
+    grants = rbac_grants(rendered["cluster-autoscaler"] + rendered["examples"], "forestall-controller")
     granted = set().union(*grants.values())
     needed: dict[Grant, str] = {}
     for path in sorted((ROOT / "controller").rglob("*.py")):
@@ -1068,7 +1077,11 @@ def test_every_typed_client_call_in_the_controller_is_granted(rendered: dict[str
                 needed.setdefault((group, resource + sub, rbac_verb), path.name)
     assert len(needed) >= 15, f"the scan found too few calls to be meaningful: {sorted(needed)}"
     missing = {g: f for g, f in needed.items() if g not in granted}
-    assert missing == {("scheduling.k8s.io", "priorityclasses", "create"): "provisioners.py"}
+    assert missing == {
+        ("scheduling.k8s.io", "priorityclasses", "create"): "provisioners.py",
+        # the finalizer's one-off list of the policy's PodTemplates: not an informer, so no watch
+        ("", "podtemplates", "watch"): "provisioners.py",
+    }
     typed = {resource for _, resource in _TYPED_RESOURCES.values()}
     unused = {g for g in granted - needed.keys() if g[1].split("/")[0] in typed}
     assert not unused, f"granted but never called: {sorted(unused)}"

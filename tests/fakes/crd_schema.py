@@ -35,9 +35,33 @@ def validate(schema: dict[str, Any], obj: Any) -> list[str]:
     for err in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path)):
         path = ".".join(str(p) for p in err.absolute_path)
         problems.append(f"{path}: {err.message}")
+    problems += list_keys(schema, obj, "")
     if not problems:
         problems.extend(_cel(schema, obj, ""))
     return problems
+
+
+def list_keys(schema: dict[str, Any], obj: Any, path: str) -> list[str]:
+    """Duplicates in `x-kubernetes-list-type: map` (by the map keys) and `set` lists, as the API server
+    refuses them ("Duplicate value")."""
+    out = []
+    if isinstance(obj, dict) and schema.get("type") == "object":
+        for name, sub in schema.get("properties", {}).items():
+            if name in obj:
+                out.extend(list_keys(sub, obj[name], f"{path}.{name}" if path else name))
+    elif isinstance(obj, list) and "items" in schema:
+        kind = schema.get("x-kubernetes-list-type")
+        keys = schema.get("x-kubernetes-list-map-keys", [])
+        seen: list[Any] = []
+        for index, item in enumerate(obj):
+            here = f"{path}[{index}]"
+            ident = tuple(item.get(k) for k in keys) if kind == "map" and isinstance(item, dict) else item
+            if kind in ("map", "set"):
+                if ident in seen:
+                    out.append(f"{here}: Duplicate value: {ident!r}")
+                seen.append(ident)
+            out.extend(list_keys(schema["items"], item, here))
+    return out
 
 
 def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:

@@ -189,11 +189,12 @@ async def test_annotate_merges_removes_and_skips_what_is_already_there(env: Env)
         await env.call(kc.annotate, "gone", {cluster.DRAIN_ANNOTATION: "1"})
 
 
-async def test_deletion_cost_is_set_once_and_an_overwrite_is_reported(env: Env) -> None:
+async def test_our_deletion_cost_can_be_raised_and_lowered_and_an_overwrite_is_reported(env: Env) -> None:
+    """Regression: a deletion cost was set once and never changed, so a raised cost could not be lowered."""
     kc = env.cluster()
     pod = pod_names(env.api)[0]
+    await env.call(kc.annotate, pod, {cluster.DELETION_COST_ANNOTATION: "100"})
     await env.call(kc.annotate, pod, {cluster.DELETION_COST_ANNOTATION: "-5"})
-    await env.call(kc.annotate, pod, {cluster.DELETION_COST_ANNOTATION: "-7"})
     stored = env.api.get("", "pods", NS, pod)
     assert stored is not None and stored["metadata"]["annotations"][cluster.DELETION_COST_ANNOTATION] == "-5"
     await env.call(kc.state)
@@ -368,7 +369,9 @@ async def test_provisioning_request_is_renewed_before_its_booking_lapses(env: En
     assert env.api.objects(group, "provisioningrequests", NS) == []
 
 
-async def test_balancer_replicas_are_found_through_ready_endpoints(env: Env) -> None:
+async def test_balancer_replicas_are_found_through_serving_endpoints_terminating_or_not(env: Env) -> None:
+    """Regression: terminating-but-serving balancer replicas were dropped, so the pods reached only through
+    them looked empty (and could be removed mid-stream) while the snapshot still counted as complete."""
     env.api.put(
         {
             "apiVersion": "discovery.k8s.io/v1",
@@ -380,13 +383,21 @@ async def test_balancer_replicas_are_found_through_ready_endpoints(env: Env) -> 
             },
             "addressType": "IPv4",
             "endpoints": [
-                {"addresses": ["10.1.0.1"], "conditions": {"ready": True}},
-                {"addresses": ["10.1.0.2"], "conditions": {"ready": False}},
-                {"addresses": ["10.1.0.3"], "conditions": {"ready": True, "terminating": True}},
+                {"addresses": ["10.1.0.1"], "conditions": {"ready": True, "serving": True}},
+                {"addresses": ["10.1.0.2"], "conditions": {"ready": False, "serving": False}},
+                {
+                    "addresses": ["10.1.0.3"],
+                    "conditions": {"ready": False, "serving": True, "terminating": True},
+                },
+                {
+                    "addresses": ["10.1.0.4"],
+                    "conditions": {"ready": False, "serving": False, "terminating": True},
+                },
+                {"addresses": ["10.1.0.5"], "conditions": {"ready": True}},  # no `serving`: ready decides
             ],
             "ports": [{"name": "admin", "port": 8081, "protocol": "TCP"}],
         }
     )
     await eventually(lambda: env.caches.service_addresses(NS, "balancer") != [], "slice cached")
-    assert env.caches.service_addresses(NS, "balancer") == ["10.1.0.1"]
+    assert env.caches.service_addresses(NS, "balancer") == ["10.1.0.1", "10.1.0.3", "10.1.0.5"]
     assert env.caches.service_addresses(NS, "other") == []

@@ -151,3 +151,86 @@ async def test_a_leader_that_cannot_renew_steps_down() -> None:
 def test_lease_timings_must_be_ordered() -> None:
     with pytest.raises(ValueError, match=r"lease_duration_s > renew_deadline_s > retry_period_s"):
         lease.LeaseElector(None, name="x", namespace=NS, identity="a", lease_duration_s=5, renew_deadline_s=6)
+
+
+async def test_any_api_error_is_a_failed_attempt_never_the_end_of_the_elector() -> None:
+    """Regression: one 503 on the Lease GET ended `run()`; `is_leader` stayed False and nothing restarted it."""
+    clock = clock_mod.FakeClock()
+    async with FakeKubeApi(clock=clock) as api:
+        client = kube_api_mod.client_for(api.url)
+        a = lease.LeaseElector(
+            client, name="forestall-controller", namespace=NS, identity="a", clock=clock, **LEASE
+        )
+        changes: list[bool] = []
+        stop = asyncio.Event()
+        api.inject_error("GET", r"/leases/forestall-controller$", 503, times=2)
+        api.inject_error("GET", r"/leases/forestall-controller$", 429, times=1, retry_after_s=1)
+        api.inject_error("GET", r"/leases/forestall-controller$", 500, times=1)
+        task = asyncio.create_task(a.run(stop, changes.append))
+        try:
+            await advance_until(clock, lambda: changes == [True], "leading after 4 errors", step_s=1.0)
+            assert not task.done()
+            assert holder(api) == "a"
+            assert len(api.calls("get", "leases")) >= 5
+        finally:
+            stop.set()
+            await task
+            client.close()
+
+
+async def test_a_leader_blocked_on_a_hung_api_server_steps_down_on_a_timer() -> None:
+    """Regression: a renew blocked ~70 s before the step-down check ran, while the follower took over at 15 s."""
+    clock = clock_mod.FakeClock()
+    async with FakeKubeApi(clock=clock) as api:
+        client = kube_api_mod.client_for(api.url)
+        a = lease.LeaseElector(
+            client, name="forestall-controller", namespace=NS, identity="a", clock=clock, **LEASE
+        )
+        changes: list[bool] = []
+        stop = asyncio.Event()
+        task = asyncio.create_task(a.run(stop, changes.append))
+        try:
+            await advance_until(clock, lambda: changes == [True], "leading", step_s=1.0)
+            api.inject_hang("*", r"/leases/", times=1)
+            await advance_until(clock, lambda: api.hung == 1, "an attempt hangs", step_s=1.0)
+            hung_at = clock.monotonic()
+            await advance_until(clock, lambda: changes == [True, False], "stepped down", step_s=1.0)
+            assert api.hung == 1, "the attempt is still hanging: the step-down did not wait for it"
+            assert not a.is_leader
+            assert clock.monotonic() - hung_at <= LEASE["renew_deadline_s"] + LEASE["retry_period_s"]
+            assert (
+                clock.monotonic() - hung_at < LEASE["lease_duration_s"]
+            )  # before a follower could take over
+            beat = a.heartbeat_s
+            await advance_until(clock, lambda: a.heartbeat_s != beat, "the elector keeps turning", step_s=1.0)
+            api.release_hangs()
+            await advance_until(clock, lambda: changes == [True, False, True], "leading again", step_s=1.0)
+        finally:
+            stop.set()
+            api.release_hangs()
+            await task
+            client.close()
+
+
+async def test_the_elector_survives_a_full_outage() -> None:
+    clock = clock_mod.FakeClock()
+    async with FakeKubeApi(clock=clock) as api:
+        client = kube_api_mod.client_for(api.url)
+        a = lease.LeaseElector(
+            client, name="forestall-controller", namespace=NS, identity="a", clock=clock, **LEASE
+        )
+        changes: list[bool] = []
+        stop = asyncio.Event()
+        task = asyncio.create_task(a.run(stop, changes.append))
+        try:
+            await advance_until(clock, lambda: changes == [True], "leading", step_s=1.0)
+            async with api.outage():
+                await advance_until(clock, lambda: changes == [True, False], "stepped down", step_s=1.0)
+                failed = a.failed_attempts
+                await advance_until(clock, lambda: a.failed_attempts > failed + 2, "still trying", step_s=1.0)
+                assert not task.done()
+            await advance_until(clock, lambda: changes == [True, False, True], "leading again", step_s=1.0)
+        finally:
+            stop.set()
+            await task
+            client.close()

@@ -47,6 +47,8 @@ CORE_CALLS = {
     ("", "nodes", "watch"),
     ("discovery.k8s.io", "endpointslices", "list"),
     ("discovery.k8s.io", "endpointslices", "watch"),
+    ("autoscaling", "horizontalpodautoscalers", "list"),
+    ("autoscaling", "horizontalpodautoscalers", "watch"),
     ("scheduling.k8s.io", "priorityclasses", "get"),
     ("events.k8s.io", "events", "create"),
     ("coordination.k8s.io", "leases", "get"),
@@ -58,6 +60,13 @@ CORE_CALLS = {
     ("autoscaling.x-k8s.io", "provisioningrequests", "create"),
     ("", "podtemplates", "get"),
     ("", "podtemplates", "create"),
+    # the finalizer: added while active, and its cleanup when the policies are deleted
+    ("forestall.dev", "scalingpolicies", "patch"),
+    ("autoscaling.x-k8s.io", "capacitybuffers", "list"),
+    ("autoscaling.x-k8s.io", "capacitybuffers", "delete"),
+    ("autoscaling.x-k8s.io", "provisioningrequests", "delete"),
+    ("", "podtemplates", "list"),
+    ("", "podtemplates", "delete"),
 }
 """Calls this scenario must make: if one disappears, the scenario no longer covers that path."""
 
@@ -138,7 +147,17 @@ async def test_every_call_the_controller_makes_is_granted_by_the_manifests() -> 
             for name in provisioners:
                 demand.level[name] = demand.forecast[name] = 0.0
             cycles = controller.cycles
-            await advance_until(clock, lambda: controller.cycles > cycles, "a second cycle", step_s=5.0)
+            # steps of one retry period: a jump past the renew deadline (4 s) is a stalled leader, which
+            # steps down until its next renewal
+            await advance_until(clock, lambda: controller.cycles > cycles, "a second cycle", step_s=1.0)
+            for name in provisioners:  # deleted policies: the finalizer releases what they held
+                api.delete("forestall.dev", "scalingpolicies", NS, name)
+            await advance_until(
+                clock,
+                lambda: not api.objects("forestall.dev", "scalingpolicies", NS),
+                "every policy cleaned up and gone",
+                step_s=1.0,
+            )
         finally:
             stop.set()
             await task

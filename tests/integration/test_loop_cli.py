@@ -7,10 +7,13 @@ import signal
 import sys
 from pathlib import Path
 
+import aiohttp
+
 from forestall import cli
 from tests.conftest import ROOT
 from tests.fakes import kube_api
 from tests.fakes.kube_api import FakeKubeApi, eventually
+from tests.fakes.prometheus import free_port
 
 NS = "llm"
 
@@ -51,6 +54,7 @@ async def test_controller_process_reconciles_holds_the_lease_and_stops_cleanly_o
             "contexts: [{name: test, context: {cluster: fake, user: test}}]\n"
             "current-context: test\n"
         )
+        port = free_port()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -61,7 +65,9 @@ async def test_controller_process_reconciles_holds_the_lease_and_stops_cleanly_o
             "--namespace",
             NS,
             "--metrics-port",
-            "0",
+            str(port),
+            "--metrics-address",
+            "127.0.0.1",
             "--leader-election-namespace",
             NS,
             "--identity",
@@ -84,6 +90,12 @@ async def test_controller_process_reconciles_holds_the_lease_and_stops_cleanly_o
             assert lease is not None and lease["spec"]["holderIdentity"] == "cli-test"
             deployment = api.get("apps", "deployments", NS, "chat")
             assert deployment is not None and deployment["spec"]["replicas"] == 3  # missing data: held
+            async with aiohttp.ClientSession() as session:
+                for path in ("/healthz", "/readyz", "/metrics"):
+                    async with session.get(f"http://127.0.0.1:{port}{path}") as resp:
+                        assert resp.status == 200, (path, await resp.text())
+                        if path != "/metrics":
+                            assert await resp.text() == "ok\n"
         finally:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)

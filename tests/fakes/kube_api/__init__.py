@@ -30,12 +30,13 @@ deterministically, so tests decide when pods appear, become Ready and go away. S
 ReplicaSet controller's order (`emulation.lifecycle.pods_to_delete`: unassigned, then pending, then not Ready,
 then the lowest `controller.kubernetes.io/pod-deletion-cost`, ...).
 
-What it does not do: authentication, admission webhooks, server-side apply, garbage collection, pagination
-(`limit` is ignored and everything is returned), or field selectors beyond simple `path=value` / `path!=value`.
+It also models finalizers, ownerReference garbage collection, pagination, Pod Security admission, the CEL
+cost check at CRD creation and injected faults (5xx bursts, 429 with Retry-After, hangs, watch 410s, a full
+outage). `README.md` beside this file lists what it does not model.
 
 Modules: `server` (FakeKubeApi: HTTP, store, watch, discovery, the workload emulation), `rest` (recorded
 calls, Status errors, patches, selectors), `schemas` (resource types and validation), `objects` (test
-helpers and object builders).
+helpers and object builders), `admission` (Pod Security), `cel_cost` (the CRD cost check).
 """
 
 from __future__ import annotations

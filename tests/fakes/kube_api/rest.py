@@ -34,9 +34,18 @@ class ApiCall:
 class ApiError(Exception):
     """An error answered as a Kubernetes `Status` object."""
 
-    def __init__(self, code: int, reason: str, message: str, *, details: Obj | None = None) -> None:
+    def __init__(
+        self,
+        code: int,
+        reason: str,
+        message: str,
+        *,
+        details: Obj | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.code, self.reason, self.message, self.details = code, reason, message, details or {}
+        self.headers = headers or {}
 
     def status(self) -> Obj:
         return {

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import copy
 import itertools
 import json
 import re
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -16,6 +18,7 @@ from aiohttp import web
 from contract import clock as clock_mod
 from emulation import lifecycle
 from tests.fakes import crd_schema
+from tests.fakes.kube_api import admission, cel_cost
 from tests.fakes.kube_api.rest import (
     REASONS,
     ApiCall,
@@ -64,12 +67,25 @@ class FakeKubeApi:
         self.nonresource_calls: list[tuple[str, str]] = []
         self.rejected: list[tuple[str, list[str]]] = []
         """(path, problems) of every write refused with 422, so tests can show nothing invalid slipped by."""
+        self.garbage_collected: list[tuple[str, str, str]] = []
+        """(resource, namespace, name) of every object deleted because its owner went."""
+        self.forbidden: list[tuple[str, list[str]]] = []
+        """(path, problems) of every pod refused by Pod Security admission (403)."""
         self.store: dict[tuple[str, str], dict[tuple[str, str], Obj]] = {}
         self._rv = itertools.count(1)
         self.resource_version = 0
         self._history: list[tuple[int, str, ResourceType, Obj]] = []
         self._watchers: set[asyncio.Queue[tuple[str, ResourceType, Obj] | None]] = set()
-        self._injected: list[tuple[str, re.Pattern[str], int, int]] = []
+        self._injected: list[tuple[str, re.Pattern[str], int, int, float | None]] = []
+        self._hangs: list[tuple[str, re.Pattern[str], int, re.Pattern[str]]] = []
+        self._unhang = asyncio.Event()
+        self.hung = 0
+        """Requests currently held by `inject_hang`."""
+        self._site: web.TCPSite | None = None
+        self._down = False
+        self._compacted_rv = 0
+        """History before this version is gone: continue tokens from before it answer 410."""
+        self._port = 0
         self._runner: web.AppRunner | None = None
         self._skip_validation = False
         self.url = ""
@@ -83,11 +99,13 @@ class FakeKubeApi:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
+        self._site = site
+        self._port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{self._port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self._unhang.set()
         for queue in list(self._watchers):
             queue.put_nowait(None)
         if self._runner is not None:
@@ -122,9 +140,52 @@ class FakeKubeApi:
             and (subresource == "*" or c.subresource == subresource)
         ]
 
-    def inject_error(self, method: str, path_regex: str, status: int, *, times: int = 1) -> None:
-        """Answer the next `times` requests matching method and path with `status` (500, 503, 409, 429...)."""
-        self._injected.append((method.upper(), re.compile(path_regex), status, times))
+    def inject_error(
+        self, method: str, path_regex: str, status: int, *, times: int = 1, retry_after_s: float | None = None
+    ) -> None:
+        """Answer the next `times` requests matching method and path with `status` (500, 503, 409, 429...).
+
+        `method` "*" matches every method. `retry_after_s` adds a `Retry-After` header (with 429, as the
+        API server's priority-and-fairness throttling answers).
+        """
+        self._injected.append((method.upper(), re.compile(path_regex), status, times, retry_after_s))
+
+    def inject_hang(self, method: str, path_regex: str, *, times: int = 1, query_regex: str = "") -> None:
+        """Hold the next `times` matching requests (path, and query string when given) without answering
+        until `release_hangs()` (or exit)."""
+        self._unhang.clear()
+        self._hangs.append((method.upper(), re.compile(path_regex), times, re.compile(query_regex)))
+
+    def release_hangs(self) -> None:
+        """Let every held request go on (it is then served normally)."""
+        self._hangs.clear()
+        self._unhang.set()
+
+    def end_watches(self) -> None:
+        """Close every open watch (as an API server restart does); clients resume from their last version."""
+        for queue in list(self._watchers):
+            queue.put_nowait(None)
+
+    @contextlib.asynccontextmanager
+    async def outage(self) -> AsyncIterator[None]:
+        """A full outage: the listening socket closes (connections refused), open watches end; on exit the
+        server listens again on the same port with its store intact (an API server restart)."""
+        assert self._runner is not None and self._site is not None
+        self.end_watches()
+        self._down = True
+        await self._site.stop()
+        server = self._runner.server
+        for handler in list(getattr(server, "_connections", {})):  # kept-alive connections die too
+            handler.force_close()
+            if handler.transport is not None:
+                handler.transport.close()
+        try:
+            yield
+        finally:
+            self._down = False
+            site = web.TCPSite(self._runner, "127.0.0.1", self._port, reuse_address=True)
+            await site.start()
+            self._site = site
 
     def resource(self, group: str, plural: str) -> ResourceType:
         for rt in self.resources:
@@ -170,14 +231,49 @@ class FakeKubeApi:
         return self._replace(rt, existing, obj)
 
     def delete(self, group: str, plural: str, namespace: str, name: str) -> None:
+        """Delete as kube-apiserver does: an object with finalizers only gets a `deletionTimestamp` (and a
+        new generation) and goes when its last finalizer is removed; then its dependents (ownerReferences
+        naming its uid) are garbage-collected, in the background propagation order."""
         rt = self.resource(group, plural)
-        obj = self.store.get((group, plural), {}).pop((namespace, name))
+        current = self.store.get((group, plural), {}).get((namespace, name))
+        if current is None:
+            raise KeyError(f"{plural} {namespace}/{name} not found")
+        meta = current["metadata"]
+        if meta.get("finalizers"):
+            if not meta.get("deletionTimestamp"):
+                marked = copy.deepcopy(current)
+                marked["metadata"]["deletionTimestamp"] = clock_mod.utc_iso(self.clock.now())
+                marked["metadata"]["generation"] = int(meta.get("generation", 0)) + 1
+                marked["metadata"]["resourceVersion"] = self._next_rv()
+                self.store[(group, plural)][(namespace, name)] = marked
+                self._announce("MODIFIED", rt, marked)
+            return
+        self._remove(rt, current)
+
+    def _remove(self, rt: ResourceType, obj: Obj) -> None:
+        meta = obj["metadata"]
+        self.store[(rt.group, rt.plural)].pop((meta.get("namespace", ""), meta["name"]), None)
+        obj = copy.deepcopy(obj)
         obj["metadata"]["resourceVersion"] = self._next_rv()
         self._announce("DELETED", rt, obj)
+        self._collect(meta.get("uid"))
+
+    def _collect(self, owner_uid: str | None) -> None:
+        """Garbage collection: delete every object with an ownerReference to `owner_uid`."""
+        if not owner_uid:
+            return
+        for (group, plural), bucket in list(self.store.items()):
+            for (ns, name), obj in list(bucket.items()):
+                refs = obj["metadata"].get("ownerReferences") or []
+                if any(ref.get("uid") == owner_uid for ref in refs):
+                    if (ns, name) in bucket:
+                        self.garbage_collected.append((plural, ns, name))
+                        self.delete(group, plural, ns, name)
 
     def compact(self) -> None:
         """Forget all watch history (like etcd compaction): older resourceVersions now answer 410."""
         self._history.clear()
+        self._compacted_rv = self.resource_version
 
     # --- the ReplicaSet controller and the kubelet, run when the test says ----------------------------------
 
@@ -286,10 +382,12 @@ class FakeKubeApi:
     # --- HTTP ---------------------------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self._down and request.transport is not None:
+            request.transport.close()  # a connection that slipped in during an outage is cut, not served
         try:
             return await self._route(request)
         except ApiError as err:
-            return web.json_response(err.status(), status=err.code)
+            return web.json_response(err.status(), status=err.code, headers=err.headers)
 
     async def _route(self, request: web.Request) -> web.StreamResponse:
         parts = [p for p in request.path.split("/") if p]
@@ -330,7 +428,7 @@ class FakeKubeApi:
             # a watch answers when it ends, maybe after the test looked: record it as it starts
             self.recorded_calls.append(dataclass_replace(call, status=200))
         try:
-            self._maybe_inject(request)
+            await self._maybe_inject(request)
             response = await self._serve(request, rt, version, namespace, name, sub, verb)
         except ApiError as err:
             if self.record:
@@ -355,12 +453,28 @@ class FakeKubeApi:
             return await self._watch(request, rt, version, namespace)
         if verb == "list":
             items = self._select(rt, namespace, query.get("labelSelector"), query.get("fieldSelector"))
+            limit = int(query.get("limit") or 0)
+            list_rv, start = self.resource_version, 0
+            if query.get("continue"):
+                list_rv, start = _decode_continue(query["continue"])
+                if list_rv < self._compacted_rv:
+                    raise ApiError(
+                        410,
+                        "Expired",
+                        "The provided continue parameter is too old to display a consistent list result. "
+                        "You can start a new list without the continue parameter.",
+                    )
+            page = items[start : start + limit] if limit else items[start:]
+            meta: Obj = {"resourceVersion": str(list_rv)}
+            if limit and start + limit < len(items):
+                meta["continue"] = _encode_continue(list_rv, start + limit)
+                meta["remainingItemCount"] = len(items) - start - limit
             return web.json_response(
                 {
                     "apiVersion": rt.api_version(version),
                     "kind": f"{rt.kind}List",
-                    "metadata": {"resourceVersion": str(self.resource_version)},
-                    "items": [self._at_version(o, rt, version) for o in items],
+                    "metadata": meta,
+                    "items": [self._at_version(o, rt, version) for o in page],
                 }
             )
         ns = namespace or ""
@@ -371,6 +485,8 @@ class FakeKubeApi:
             self._check_kind(rt, version, body)
             if rt.namespaced:
                 body.setdefault("metadata", {})["namespace"] = ns
+            if rt.plural == "pods" and not rt.group:
+                self._admit_pod(ns, body, request.path)
             created = self._create(rt, version, ns, body, path=request.path)
             return web.json_response(self._at_version(created, rt, version), status=201)
         assert name is not None
@@ -428,7 +544,9 @@ class FakeKubeApi:
             return web.json_response(scale_of(stored))
         self._check_kind(rt, version, body)
         new = copy.deepcopy(body)
-        new["metadata"] = {**current["metadata"], **mutable_meta(body.get("metadata", {}))}
+        # the server owns uid, timestamps...; the client's body says the rest (absent finalizers: none)
+        owned = {k: v for k, v in current["metadata"].items() if k not in mutable_meta(current["metadata"])}
+        new["metadata"] = {**owned, **mutable_meta(body.get("metadata", {}))}
         if sub == "status":
             new = {**copy.deepcopy(current), "status": body.get("status")}
             new["metadata"] = current["metadata"]
@@ -439,17 +557,34 @@ class FakeKubeApi:
         stored = self._replace(rt, current, new, path=request.path)
         return web.json_response(self._at_version(stored, rt, version))
 
-    def _maybe_inject(self, request: web.Request) -> None:
-        for index, (method, pattern, status, times) in enumerate(self._injected):
-            if method == request.method and pattern.search(request.path):
+    async def _maybe_inject(self, request: web.Request) -> None:
+        for index, (method, pattern, times, query) in enumerate(self._hangs):
+            if (
+                method in ("*", request.method)
+                and pattern.search(request.path)
+                and query.search(request.query_string)
+            ):
+                if times <= 1:
+                    del self._hangs[index]
+                else:
+                    self._hangs[index] = (method, pattern, times - 1, query)
+                self.hung += 1
+                try:
+                    await self._unhang.wait()
+                finally:
+                    self.hung -= 1
+                break
+        for index, (method, pattern, status, times, retry_after_s) in enumerate(self._injected):
+            if method in ("*", request.method) and pattern.search(request.path):
                 if times <= 1:
                     del self._injected[index]
                 else:
-                    self._injected[index] = (method, pattern, status, times - 1)
+                    self._injected[index] = (method, pattern, status, times - 1, retry_after_s)
                 message = f"injected {status}"
                 if status == 409:
                     message = "Operation cannot be fulfilled: the object has been modified; please apply your changes to the latest version and try again"
-                raise ApiError(status, REASONS.get(status, "InternalError"), message)
+                headers = {"Retry-After": f"{retry_after_s:g}"} if retry_after_s is not None else None
+                raise ApiError(status, REASONS.get(status, "InternalError"), message, headers=headers)
 
     # --- storage ------------------------------------------------------------------------------------------
 
@@ -484,6 +619,8 @@ class FakeKubeApi:
         if "spec" in body:
             meta["generation"] = 1
         body = self._check(rt.group, body, path or f"create {rt.plural}", rt)
+        if rt.plural == "customresourcedefinitions":
+            self._install_crd(body, path or "create customresourcedefinitions")
         meta = body["metadata"]
         meta["resourceVersion"] = self._next_rv()
         bucket[(ns, name)] = body
@@ -502,6 +639,8 @@ class FakeKubeApi:
         ns, name = new["metadata"].get("namespace", ""), new["metadata"]["name"]
         self.store[(rt.group, rt.plural)][(ns, name)] = new
         self._announce("MODIFIED", rt, new)
+        if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
+            self._remove(rt, new)  # the last finalizer went: the deletion completes
         return copy.deepcopy(new)
 
     def _check(
@@ -543,6 +682,54 @@ class FakeKubeApi:
             )
         return obj
 
+    def _admit_pod(self, namespace: str, pod: Obj, path: str) -> None:
+        """Pod Security admission: the level the namespace's `enforce` label names (`admission`)."""
+        ns_obj = self.store.get(("", "namespaces"), {}).get(("", namespace)) or {}
+        level = (ns_obj.get("metadata", {}).get("labels") or {}).get(admission.ENFORCE_LABEL, "privileged")
+        problems = admission.violations(pod, level)
+        if problems:
+            self.forbidden.append((path, problems))
+            name = pod.get("metadata", {}).get("name") or pod.get("metadata", {}).get("generateName", "")
+            raise ApiError(
+                403,
+                "Forbidden",
+                f'pods "{name}" is forbidden: violates PodSecurity "{level}:latest": ' + ", ".join(problems),
+            )
+
+    def _install_crd(self, crd: Obj, path: str) -> None:
+        """The CEL cost check kube-apiserver runs on a new CRD (`cel_cost`), then serve its kind."""
+        problems = cel_cost.problems(crd)
+        if problems:
+            self.rejected.append((path, problems))
+            name = crd["metadata"]["name"]
+            raise ApiError(
+                422,
+                "Invalid",
+                f'CustomResourceDefinition.apiextensions.k8s.io "{name}" is invalid: ' + "; ".join(problems),
+                details={
+                    "name": name,
+                    "group": "apiextensions.k8s.io",
+                    "kind": "CustomResourceDefinition",
+                    "causes": [{"reason": "FieldValueForbidden", "message": p} for p in problems],
+                },
+            )
+        spec = crd["spec"]
+        if any(r.group == spec["group"] and r.plural == spec["names"]["plural"] for r in self.resources):
+            return
+        versions = tuple(v["name"] for v in spec["versions"] if v.get("served", True))
+        storage = next(v for v in spec["versions"] if v.get("storage"))
+        self.resources.append(
+            ResourceType(
+                spec["group"],
+                versions,
+                spec["names"]["plural"],
+                spec["names"]["kind"],
+                namespaced=spec.get("scope", "Namespaced") == "Namespaced",
+                subresources=tuple(storage.get("subresources", {})),
+                crd_schema=storage["schema"]["openAPIV3Schema"],
+            )
+        )
+
     def _check_kind(self, rt: ResourceType, version: str, body: Obj) -> None:
         if body.get("kind") not in (None, rt.kind) or body.get("apiVersion") not in (
             None,
@@ -577,6 +764,7 @@ class FakeKubeApi:
         self._history.append((int(obj["metadata"]["resourceVersion"]), kind, rt, snapshot))
         if len(self._history) > HISTORY_LIMIT:
             del self._history[: len(self._history) - HISTORY_LIMIT]
+            self._compacted_rv = self._history[0][0] - 1
         for queue in self._watchers:
             queue.put_nowait((kind, rt, snapshot))
 
@@ -728,3 +916,16 @@ class FakeKubeApi:
             "groupVersion": f"{group}/{version}" if group else version,
             "resources": resources,
         }
+
+
+def _encode_continue(resource_version: int, offset: int) -> str:
+    """An opaque continue token (kube-apiserver's is base64 JSON too: the version and where to resume)."""
+    return base64.urlsafe_b64encode(json.dumps({"rv": resource_version, "start": offset}).encode()).decode()
+
+
+def _decode_continue(token: str) -> tuple[int, int]:
+    try:
+        data = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return int(data["rv"]), int(data["start"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ApiError(400, "BadRequest", f"invalid continue token: {exc}") from exc
