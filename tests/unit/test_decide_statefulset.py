@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from controller import cluster, decide
-from tests.unit.test_decide import NOW, make_history, make_signals, make_spec
+from controller import cluster
+from tests.unit.test_decide import NOW, make_history, make_signals, make_spec, run
 
 
 def sts_pods(n: int) -> tuple[cluster.PodState, ...]:
@@ -20,10 +20,8 @@ def test_statefulset_drains_its_highest_ordinals_not_the_emptiest_pod() -> None:
     )
     sigs = make_signals({"llm-0": 0, "llm-1": 3, "llm-2": 4, "llm-3": 5})
     state = cluster.ClusterState(spec_replicas=4, pods=sts_pods(4), removal_order="highest-ordinal")
-    plan = decide.decide(spec, NOW, make_history([10.0] * 20, forecast=10), sigs, state)
+    plan = run(spec, NOW, make_history([10.0] * 20, forecast=10), sigs, state)
     assert plan.drain == ("llm-3", "llm-2")
     # the same pods behind a Deployment: the emptiest go first (pod-deletion-cost decides removal)
-    plan = decide.decide(
-        spec, NOW, make_history([10.0] * 20, forecast=10), sigs, cluster.ClusterState(4, sts_pods(4))
-    )
+    plan = run(spec, NOW, make_history([10.0] * 20, forecast=10), sigs, cluster.ClusterState(4, sts_pods(4)))
     assert plan.drain[0] == "llm-0"

@@ -104,6 +104,6 @@ def test_a_refused_url_is_never_fetched_and_reads_as_missing_history() -> None:
     )
     pd = registry.PolicyDemand(spec, allowed_prometheus_urls=ALLOWED)
     assert pd.prometheus_ is None
-    reading = asyncio.run(pd.read(T0, horizon_s=300.0))
+    reading = asyncio.run(pd.read(T0))
     assert reading.history is None
     assert any("not allowed" in e for e in reading.errors)
