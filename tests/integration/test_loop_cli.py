@@ -9,11 +9,11 @@ from pathlib import Path
 
 import aiohttp
 
+from emulation.processes import free_port
 from forestall import cli
 from tests.conftest import ROOT
 from tests.fakes import kube_api
 from tests.fakes.kube_api import FakeKubeApi, eventually
-from tests.fakes.prometheus import free_port
 
 NS = "llm"
 
