@@ -5,6 +5,7 @@ The order matters and is the same for every cluster (Kubernetes, simulated, loca
 1. drain marks set and removed, so the balancers stop sending new streams to leaving pods first;
 2. `karpenter.sh/do-not-disrupt` kept on pods carrying streams, so consolidation does not cut them;
 3. deletion costs set on the pods to remove (lowest goes first), so the ReplicaSet removes exactly those;
+   capacity weights (per GPU type) set, so the balancers weigh each pod by what it can carry;
 4. provisioned GPUs, then replicas through the scale subresource, last, once the pods are marked.
 
 Only what differs from the snapshot the plan was made from is written: applying the same plan twice changes
@@ -15,6 +16,7 @@ What this module does not do: decide (`controller.decide`) or know which cluster
 
 from __future__ import annotations
 
+from contract import pod_annotations
 from controller import cluster, decide
 
 
@@ -47,6 +49,10 @@ def apply_plan(
         if name in pods and pods[name].annotations.get(cluster.DELETION_COST_ANNOTATION) != str(cost):
             c.annotate(name, {cluster.DELETION_COST_ANNOTATION: str(cost)})
             done.append(f"deletion-cost {name}={cost}")
+    for name, weight in plan.capacity_weight.items():
+        if name in pods and pods[name].annotations.get(pod_annotations.CAPACITY_WEIGHT) != f"{weight:g}":
+            c.annotate(name, {pod_annotations.CAPACITY_WEIGHT: f"{weight:g}"})
+            done.append(f"capacity-weight {name}={weight:g}")
     if plan.provision_gpus != state.provisioned_gpus:
         c.provision(plan.provision_gpus)
         done.append(f"provision {plan.provision_gpus} GPUs")

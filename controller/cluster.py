@@ -28,6 +28,10 @@ DELETION_COST_ANNOTATION = "controller.kubernetes.io/pod-deletion-cost"
 DO_NOT_DISRUPT_ANNOTATION = "karpenter.sh/do-not-disrupt"
 """Karpenter does not consolidate or drift a node while a pod on it carries this set to "true"."""
 
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+"""Node label NVIDIA's GPU feature discovery sets to the GPU model (e.g. `NVIDIA-H100-80GB-HBM3`); matched
+against `capacity.gpuTypes[].name`."""
+
 PodPhase = Literal["pending", "starting", "ready", "terminating"]
 """`pending`: not scheduled (waiting for a node). `starting`: scheduled, not Ready (image pull, model load).
 `ready`: serving. `terminating`: has a deletionTimestamp."""
@@ -72,6 +76,8 @@ class NodeState:
     ready: bool
     created_s: float
     ready_s: float | None = None
+    gpu_product: str | None = None
+    """The node's `GPU_PRODUCT_LABEL`, None when unlabelled."""
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,10 @@ Every delay is the policy's lead time times a seeded uniform jitter (±`jitter`)
 Time moves only through `advance(now)`; the simulator calls it before each reconcile. A removed pod is
 deleted at once; the simulator counts the streams still on it as cut (`removed` lists them).
 
+With `capacity.gpuTypes` the pool is mixed: new nodes take the listed GPU types in turn (as a NodePool
+offering several instance types gives when one runs short), labelled like GPU feature discovery labels them,
+and each pod carries its node type's streams per replica (`pod_slots`).
+
 What it does not do: carry streams (the simulator does), model preemption, zones, or image caches.
 """
 
@@ -30,6 +34,9 @@ import statistics
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
 
 from controller import cluster, policy
 
@@ -70,6 +77,7 @@ class SimNode:
     ready_s: float
     used_gpus: int = 0
     unneeded_since_s: float | None = None
+    gpu_product: str | None = None
 
 
 class SimCluster:
@@ -110,6 +118,9 @@ class SimCluster:
             k: deque(maxlen=MEASURED_SAMPLES) for k in ("node", "pod", "load")
         }
         self._median: dict[str, float | None] = {"node": None, "pod": None, "load": None}
+        self.gpu_types = [g.name for g in spec.capacity.gpu_types]
+        """A mixed pool: each new node gets the next of these GPU types in turn (none: one unlabelled type)."""
+        self._slots = {g.name: g.streams_per_replica for g in spec.capacity.gpu_types}
         self._node_version = 0
         self._nodes_cache: tuple[tuple[int, int], tuple[cluster.NodeState, ...]] | None = None
 
@@ -157,6 +168,7 @@ class SimCluster:
                 ready=n.ready_s <= now,
                 created_s=n.created_s,
                 ready_s=n.ready_s if n.ready_s <= now else None,
+                gpu_product=n.gpu_product,
             )
             for n in self.nodes.values()
         )
@@ -237,6 +249,17 @@ class SimCluster:
         """GPUs on nodes requested and not released (what is being billed now)."""
         return sum(n.gpus for n in self.nodes.values())
 
+    def pod_slots(self) -> npt.NDArray[np.int64]:
+        """Stream slots of every pod id so far: its node's GPU type's streams per replica, else the policy's."""
+        base = self.spec.capacity.streams_per_replica
+        out = np.full(max(self.next_pod_id, 1), base, dtype=np.int64)
+        for p in self.pods.values():
+            if p.node is not None:
+                node = self.nodes.get(p.node)
+                if node is not None and node.gpu_product is not None:
+                    out[p.id] = self._slots.get(node.gpu_product, base)
+        return out
+
     def draining(self, pod: SimPod) -> bool:
         return cluster.DRAIN_ANNOTATION in pod.annotations
 
@@ -287,7 +310,10 @@ class SimCluster:
             delay = 0.0 if self.instant_nodes else self._delay(self.spec.lead_time.node_provisioning_s)
             ready_s = now + delay
             self._observe("node", delay)
-        node = SimNode(name=name, gpus=self.gpus_per_node, created_s=now, ready_s=ready_s)
+        product = self.gpu_types[(self._next_node - 1) % len(self.gpu_types)] if self.gpu_types else None
+        node = SimNode(
+            name=name, gpus=self.gpus_per_node, created_s=now, ready_s=ready_s, gpu_product=product
+        )
         self.nodes[name] = node
         self._node_version += 1
         return node

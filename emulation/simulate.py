@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from contract import pod_annotations
 from contract import signals as signals_mod
 from controller import cluster, decide, forecasting, policy
 from emulation import sim, streams, traces
@@ -123,7 +124,8 @@ class Runner:
                 coming.append((p.id, r))
         self.ready_now = ready
         eligible = np.array(ids, dtype=np.int64)
-        return cut + self.book.step(tick, eligible=eligible, slots=self.slots, coming=coming)
+        slots = c.pod_slots() if c.gpu_types else self.slots  # a mixed pool: each pod its GPU type's slots
+        return cut + self.book.step(tick, eligible=eligible, slots=slots, coming=coming)
 
 
 class HpaRunner(Runner):
@@ -266,6 +268,8 @@ class ForestallRunner(Runner):
             c.annotate(name, {cluster.DRAIN_ANNOTATION: stamp})
         for name in plan.undrain:
             c.annotate(name, {cluster.DRAIN_ANNOTATION: None})
+        for name, weight in plan.capacity_weight.items():
+            c.annotate(name, {pod_annotations.CAPACITY_WEIGHT: f"{weight:g}"})
         for name, cost in plan.deletion_cost.items():
             pod = c.pod_named(name)
             if pod is not None and pod.annotations.get(cluster.DELETION_COST_ANNOTATION) != str(cost):

@@ -37,3 +37,13 @@ def test_undrain_and_release_do_not_disrupt() -> None:
     plan = decide.Plan(desired_replicas=1, undrain=("a",), do_not_disrupt={"a": False})
     assert acting.apply_plan(fake, plan, fake.state(), now=5.0) == ["undrain a", "allow-disrupt a"]
     assert fake.state().pods[0].annotations == {}
+
+
+def test_capacity_weight_goes_on_the_pod_for_the_balancer_once() -> None:
+    """The balancer's EndpointSlice watch reads `forestall.dev/capacity-weight`: decide() derives it from the
+    pod's node GPU type, apply_plan writes it (once)."""
+    fake = FakeCluster(_state(a={}, b={}))
+    plan = decide.Plan(desired_replicas=2, capacity_weight={"a": 2.0})
+    assert acting.apply_plan(fake, plan, fake.state(), now=5.0) == ["capacity-weight a=2"]
+    assert fake.state().pods[0].annotations == {"forestall.dev/capacity-weight": "2"}
+    assert acting.apply_plan(fake, plan, fake.state(), now=6.0) == []
