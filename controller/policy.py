@@ -163,7 +163,9 @@ class Capacity(_Model):
     `forestall simulate`. 30 ms is typical decode speed for a 7-13B model under load."""
 
     gpu_types: list[GpuType] = Field(default_factory=list)
-    """Per-GPU-type capacity, overriding streamsPerReplica on those GPUs."""
+    """Per-GPU-type capacity, overriding streamsPerReplica on nodes labelled (nvidia.com/gpu.product) with a
+    listed name; pods elsewhere or not yet placed count at streamsPerReplica, so set that to the smallest
+    type's. The balancers weigh each pod by its type's streams (forestall.dev/capacity-weight)."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:

@@ -1,7 +1,7 @@
 """Sizing with the bill in view: GPU nodes, not pods, are what a policy pays for.
 
-A GPU node is billed from its request to its release, whatever share of its GPUs the target's pods use. Two
-rules follow, both pure functions of the cluster snapshot that `decide()` calls:
+A GPU node is billed from its request to its release, whatever share of its GPUs the target's pods use. The
+rules, both pure functions of the cluster snapshot that `decide()` calls:
 
 - **Scale-down empties whole nodes.** Draining a pod from a node that stays saves nothing and costs headroom,
   so pods are drained only from nodes that can be emptied: the emptiest nodes first, each only when the
