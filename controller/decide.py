@@ -615,16 +615,19 @@ def _scale_down(
         )
         return []
     serving = [p for p in live if p.drain_started_s is None]
+    known = {n.name for n in state.nodes}
     node_load: dict[str, int] = {}
     for p in serving:
         if p.node is not None:
-            node_load[p.node] = node_load.get(p.node, 0) + inputs.pod_load.get(p.name, 0)
+            key = p.node if p.node in known else f"pod/{p.name}"
+            node_load[key] = node_load.get(key, 0) + inputs.pod_load.get(p.name, 0)
     planned = sizing.drain_whole_nodes(
         serving,
         excess=excess,
         weight=lambda p: weights.get(p.name, 1.0),
         order=lambda p: (_PHASE_RANK[p.phase], inputs.pod_load.get(p.name, 0), -p.created_s, p.name),
         node_rank=node_load,
+        known_nodes=known,
     )
     chosen = planned[:budget]
     if not chosen and excess > 0:

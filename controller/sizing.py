@@ -24,7 +24,7 @@ What this module does not do: forecast, read signals, or choose the serving targ
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from contract import pod_annotations
@@ -101,6 +101,7 @@ def drain_whole_nodes(
     order: Callable[[cluster.PodState], Any],
     weight: Callable[[cluster.PodState], float] = lambda _p: 1.0,
     node_rank: Mapping[str, Any] | None = None,
+    known_nodes: Collection[str] | None = None,
 ) -> list[cluster.PodState]:
     """Pods to drain so that whole nodes empty: unplaced pods, then every pod of the emptiest nodes.
 
@@ -109,7 +110,11 @@ def drain_whole_nodes(
         excess: replicas surplus to the stabilized need (in units of `streamsPerReplica`).
         order: sort key within a node (and among unplaced pods): the cheapest pod to lose first.
         weight: a pod's capacity in those units (`replica_weights`; one by default).
-        node_rank: optional extra sort key per node name, after the serving-pod count (e.g. streams on it).
+        node_rank: optional extra sort key per node name (or pod name, for a pod on an unknown node), after
+            the serving-pod count (e.g. streams on it).
+        known_nodes: the GPU nodes the snapshot lists. A pod on a node outside them (one the controller
+            cannot see, or a test's bare name) is its own group: without the node's GPUs there is no whole
+            node to empty, and pod by pod is the best there is. None: every node counts.
 
     A node is taken only when `excess` covers all its serving pods; its pods are then listed in `order`. The
     caller marks as many of them as its rate limit allows (the next reconcile continues on the same node,
@@ -128,7 +133,8 @@ def drain_whole_nodes(
     by_node: dict[str, list[cluster.PodState]] = {}
     for p in serving:
         if p.node is not None:
-            by_node.setdefault(p.node, []).append(p)
+            key = p.node if known_nodes is None or p.node in known_nodes else f"pod/{p.name}"
+            by_node.setdefault(key, []).append(p)
     ranked = sorted(by_node.items(), key=lambda kv: (len(kv[1]), (node_rank or {}).get(kv[0], 0), kv[0]))
     for _, pods in ranked:
         total = sum(weight(p) for p in pods)

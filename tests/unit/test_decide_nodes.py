@@ -161,3 +161,11 @@ def test_demand_now_above_the_nodes_is_never_held_back() -> None:
         make_spec(replicas={"min": 1, "max": 40}), NOW, flat(165, forecast=170), sigs, _full_nodes()
     )
     assert plan.desired_replicas == 17  # 165 streams now need 17: the reactive floor is not a forecast margin
+
+
+def test_pods_on_nodes_the_snapshot_does_not_list_drain_one_by_one() -> None:
+    """Without a node's GPUs in view there is no whole node to empty: the idlest pod goes, as before."""
+    placement = {f"w{i}": "gpu-a" for i in range(3)}
+    sigs = make_signals({"w0": 6, "w1": 0, "w2": 2})
+    plan = decide.decide(make_spec(), NOW, flat(8), sigs, make_state(3, pods=_placed(placement)))
+    assert plan.drain == ("w1",)
