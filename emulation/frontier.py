@@ -156,7 +156,7 @@ def plot_frontier(result: SweepResult, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     table = rows(result)
-    fig, ax = plt.subplots(figsize=(9, 6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(10.5, 6), constrained_layout=True)
     ours = [r for r in table if r["policy"] == "forestall"]
     xs = [r["gpu_hours"] for r in ours]
     ys = [100 * r["slo_attainment"] for r in ours]
@@ -185,7 +185,7 @@ def plot_frontier(result: SweepResult, out: Path) -> None:
         fontsize=10,
     )
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # outside: never over a point
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
