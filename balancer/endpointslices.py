@@ -13,7 +13,10 @@ How an endpoint maps to a backend:
 - `terminating` (serving or not): kept and drained: no new streams or sessions, the open ones finish;
 - not ready and not terminating (starting, failing its probe): not a backend;
 - pod annotation `forestall.dev/drain` (any value; the controller writes its drain start time): drained;
-- pod annotation `forestall.dev/capacity-weight`: its capacity weight (default 1).
+- pod annotation `forestall.dev/capacity-weight`: its capacity weight (default 1). With a mixed GPU pool
+  (`capacity.gpuTypes`) the controller writes it from the GPU type of the pod's node (label
+  `nvidia.com/gpu.product`): the type's streams per replica over the policy's `streamsPerReplica`. The
+  balancer reads only pods, not nodes, so it needs no node permissions.
 
 Credentials: in-cluster service account (token and CA under /var/run/secrets/kubernetes.io/serviceaccount,
 host from KUBERNETES_SERVICE_HOST/PORT) unless kube_api_url / kube_token_file / kube_ca_file are given.

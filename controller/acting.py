@@ -5,6 +5,7 @@ The order matters and is the same for every cluster (Kubernetes, simulated, loca
 1. drain marks set and removed, so the balancers stop sending new streams to leaving pods first;
 2. `karpenter.sh/do-not-disrupt` kept on pods carrying streams, so consolidation does not cut them;
 3. deletion costs set on the pods to remove (lowest goes first), so the ReplicaSet removes exactly those;
+   capacity weights (per GPU type) set, so the balancers weigh each pod by what it can carry;
 4. provisioned GPUs, then replicas through the scale subresource, last, once the pods are marked.
 
 Only what differs from the snapshot the plan was made from is written: applying the same plan twice changes
@@ -20,6 +21,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from contract import pod_annotations
 from controller import cluster, decide
 
 
@@ -31,6 +33,7 @@ class ActionKind(enum.StrEnum):
     DO_NOT_DISRUPT = "do-not-disrupt"
     ALLOW_DISRUPT = "allow-disrupt"
     DELETION_COST = "deletion-cost"
+    CAPACITY_WEIGHT = "capacity-weight"
     PROVISION = "provision"
     SCALE = "scale"
 
@@ -85,6 +88,19 @@ class DeletionCost:
 
 
 @dataclass(frozen=True)
+class CapacityWeight:
+    """`forestall.dev/capacity-weight` was set to `weight` on `pod` (from its node's GPU type), so the
+    balancers weigh its load by what it can serve."""
+
+    pod: str
+    weight: float
+    kind: ActionKind = ActionKind.CAPACITY_WEIGHT
+
+    def __str__(self) -> str:
+        return f"capacity-weight {self.pod}={self.weight:g}"
+
+
+@dataclass(frozen=True)
 class Provision:
     """The provisioner was asked to hold `gpus` GPUs ahead of demand (it held `previous`)."""
 
@@ -108,7 +124,7 @@ class Scale:
         return f"scale {self.previous} -> {self.replicas}"
 
 
-Action = Drain | Undrain | DoNotDisrupt | DeletionCost | Provision | Scale
+Action = Drain | Undrain | DoNotDisrupt | DeletionCost | CapacityWeight | Provision | Scale
 """One change `apply_plan` made, in the order it made them."""
 
 
@@ -118,7 +134,11 @@ def apply_plan(
     """Make `plan` true on `c`, given the `state` it was decided from; returns what was done, in order."""
     done: list[Action] = []
     stamp = f"{now:.0f}"
-    pods = {p.name: p for p in state.pods} if plan.drain or plan.undrain or plan.deletion_cost else {}
+    pods = (
+        {p.name: p for p in state.pods}
+        if plan.drain or plan.undrain or plan.deletion_cost or plan.capacity_weight
+        else {}
+    )
     for name in plan.drain:
         if name in pods and pods[name].drain_started_s is None:
             c.annotate(name, {cluster.DRAIN_ANNOTATION: stamp})
@@ -140,6 +160,10 @@ def apply_plan(
         if name in pods and pods[name].annotations.get(cluster.DELETION_COST_ANNOTATION) != str(cost):
             c.annotate(name, {cluster.DELETION_COST_ANNOTATION: str(cost)})
             done.append(DeletionCost(name, cost))
+    for name, weight in plan.capacity_weight.items():
+        if name in pods and pods[name].annotations.get(pod_annotations.CAPACITY_WEIGHT) != f"{weight:g}":
+            c.annotate(name, {pod_annotations.CAPACITY_WEIGHT: f"{weight:g}"})
+            done.append(CapacityWeight(name, weight))
     if plan.provision_gpus != state.provisioned_gpus:
         c.provision(plan.provision_gpus)
         done.append(Provision(plan.provision_gpus, previous=state.provisioned_gpus))

@@ -32,6 +32,10 @@ phase and readiness: unscheduled, pending and not-Ready pods still go before it 
 DO_NOT_DISRUPT_ANNOTATION = "karpenter.sh/do-not-disrupt"
 """Karpenter does not consolidate or drift a node while a pod on it carries this set to "true"."""
 
+GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
+"""Node label NVIDIA's GPU feature discovery sets to the GPU model (e.g. `NVIDIA-H100-80GB-HBM3`); matched
+against `capacity.gpuTypes[].name`."""
+
 PodPhase = Literal["pending", "starting", "ready", "terminating"]
 """`pending`: not scheduled (waiting for a node). `starting`: scheduled, not Ready (image pull, model load).
 `ready`: serving. `terminating`: has a deletionTimestamp."""
@@ -76,6 +80,8 @@ class NodeState:
     ready: bool
     created_s: float
     ready_s: float | None = None
+    gpu_product: str | None = None
+    """The node's `GPU_PRODUCT_LABEL`, None when unlabelled."""
 
 
 @dataclass(frozen=True)

@@ -179,8 +179,10 @@ class Capacity(_Model):
         max_length=GPU_TYPES_MAX,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
-    """Per-GPU-type capacity, overriding streamsPerReplica on those GPUs. A map list keyed by name: the API
-    server itself refuses a duplicate name, at no CEL cost."""
+    """Per-GPU-type capacity, overriding streamsPerReplica on nodes labelled (nvidia.com/gpu.product) with a
+    listed name; pods elsewhere or not yet placed count at streamsPerReplica, so set that to the smallest
+    type's. The balancers weigh each pod by its type's streams (forestall.dev/capacity-weight). A map list
+    keyed by name: the API server itself refuses a duplicate name, at no CEL cost."""
 
     @model_validator(mode="after")
     def _check(self) -> Self:

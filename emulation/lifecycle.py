@@ -205,6 +205,8 @@ class Node:
     ready_s: float
     used_gpus: int = 0
     unneeded_since_s: float | None = None
+    gpu_product: str | None = None
+    """The node's GPU type as GPU feature discovery labels it (`nvidia.com/gpu.product`); None: unlabelled."""
 
 
 class Lifecycle:
@@ -254,6 +256,9 @@ class Lifecycle:
         """Pods not bound to a node, kept as pods come, bind and go (most ticks have none)."""
         self._node_version = 0
         self._nodes_cache: tuple[tuple[int, int], tuple[cluster.NodeState, ...]] | None = None
+        self.gpu_types = [g.name for g in spec.capacity.gpu_types]
+        """A mixed pool (`capacity.gpuTypes`): each new node gets the next of these GPU types in turn, as a
+        NodePool offering several instance types gives when one runs short (none: one unlabelled type)."""
 
     # --- what a controller sees and does ---------------------------------------------------------------------
 
@@ -430,7 +435,8 @@ class Lifecycle:
             delay = 0.0 if self.instant_nodes else self._delay(self.spec.lead_time.node_provisioning_s)
             ready_s = now + delay
             self._observe("node", delay)
-        node = Node(name=name, gpus=self.gpus_per_node, created_s=now, ready_s=ready_s)
+        product = self.gpu_types[(self._next_node - 1) % len(self.gpu_types)] if self.gpu_types else None
+        node = Node(name=name, gpus=self.gpus_per_node, created_s=now, ready_s=ready_s, gpu_product=product)
         self.nodes[name] = node
         self._node_gpus += node.gpus
         self._node_version += 1
@@ -444,6 +450,7 @@ class Lifecycle:
                 ready=n.ready_s <= now,
                 created_s=n.created_s,
                 ready_s=n.ready_s if n.ready_s <= now else None,
+                gpu_product=n.gpu_product,
             )
             for n in self.nodes.values()
         )

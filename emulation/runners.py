@@ -90,7 +90,8 @@ class Runner:
                 coming.append((p.id, r))
         self.ready_now = ready
         eligible = np.array(ids, dtype=np.int64)
-        return cut + self.book.step(tick, eligible=eligible, slots=self.slots, coming=coming)
+        slots = c.pod_slots() if c.gpu_types else self.slots  # a mixed pool: each pod its GPU type's slots
+        return cut + self.book.step(tick, eligible=eligible, slots=slots, coming=coming)
 
 
 class HpaRunner(Runner):

@@ -3,7 +3,9 @@
 Runs with no cluster and no network. Without `--trace` it replays the small real trace bundled in the package
 (two weekdays of the Azure 2024 LLM conversation service, see `emulation/data/README.md`). It prints one
 table row per policy (or `--json`), and `--plot` draws demand, Forestall's forecast, each policy's Ready
-capacity and its SLO misses over time.
+capacity and its SLO misses over time. `--sweep FIELD=V1,V2,...` varies one policy field instead (one row per
+value, `emulation.frontier`), and `--plot` then draws SLO attainment against GPU-hours for each value beside
+the baselines and the oracles: the frontier an operator picks a point on.
 
 The engine is `emulation.simulate`; this module only parses options, shows progress and renders results.
 """
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from controller import policy
-    from emulation import results
+    from emulation import frontier, results
 
 BASELINES = ("reactive", "reactive-ca")
 """Policies `--compare` may name; Forestall and the two oracles always run."""
@@ -71,13 +73,27 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="seed for arrivals, stream lengths and delays (default 0)"
     )
+    p.add_argument(
+        "--sweep",
+        default=None,
+        metavar="FIELD=V1,V2,...",
+        help="run once per value of one policy field (dotted path, e.g. forecast.quantile=0.8,0.9,0.95,0.99 "
+        "or scaleDown.stabilizationWindowSeconds=300,600) on the same streams, one row per value",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="write a PNG of the run here")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        metavar="OUT.png",
+        help="write a PNG here: the run over time, or with --sweep SLO attainment vs GPU-hours per value",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from controller import errors
+    from emulation import frontier as frontier_mod
     from emulation import simulate, traces
 
     try:
@@ -99,10 +115,16 @@ def run(args: argparse.Namespace) -> int:
             scale = args.scale if args.scale is not None else 1.0
             if not scale > 0:
                 raise ValueError(f"--scale must be > 0, got {scale:g}")
+        sweep = frontier_mod.parse_sweep(args.sweep) if args.sweep is not None else None
+        if sweep is not None:
+            for value in sweep.values:  # every value is checked before hours of simulation start
+                frontier_mod.with_field(spec, sweep.field, value)
     except (ValueError, errors.InvalidPolicy) as exc:
         print(f"forestall simulate: {exc}", file=sys.stderr)
         return 1
 
+    if sweep is not None:
+        return _run_sweep(args, trace, spec, sweep, compare=compare, scale=scale)
     result = _run_with_progress(trace, spec, compare=compare, scale=scale, seed=args.seed, quiet=args.json)
     if args.plot is not None:
         plot(result, args.plot)
@@ -112,6 +134,74 @@ def run(args: argparse.Namespace) -> int:
         print_table(result)
         if args.plot is not None:
             print(f"plot written to {args.plot}")
+    return 0
+
+
+def _run_sweep(
+    args: argparse.Namespace,
+    trace: Any,
+    spec: policy.ScalingPolicySpec,
+    sweep: frontier.Sweep,
+    *,
+    compare: list[str],
+    scale: float,
+) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from emulation import frontier
+
+    err = Console(stderr=True)
+
+    def progress(i: int, n: int) -> None:
+        if not args.json and err.is_terminal:
+            err.print(f"simulating {sweep.field}={sweep.labels[i]} ({i + 1}/{n})", style="dim")
+
+    result = frontier.run(trace, spec, sweep, compare=compare, scale=scale, seed=args.seed, on_value=progress)
+    table_rows = frontier.rows(result)
+    if args.plot is not None:
+        frontier.plot_frontier(result, args.plot)
+    if args.json:
+        print(json.dumps({"sweep": sweep.field, "rows": table_rows}, indent=2))
+        return 0
+    first = result.runs[0]
+    table = Table(
+        title=(
+            f"{Path(first.trace).name}: {(first.end_s - first.start_s) / 3600:.1f} h (scale {first.scale:.3g}),"
+            f" sweeping {sweep.field}"
+        ),
+        title_justify="left",
+    )
+    for col in (
+        "policy",
+        sweep.field,
+        "SLO met",
+        "wait p99",
+        "rejected",
+        "cut",
+        "GPU-h",
+        "vs lead",
+        "events",
+    ):
+        table.add_column(col, justify="left" if col == "policy" else "right", no_wrap=True)
+    for r in table_rows:
+        table.add_row(
+            r["policy"],
+            "" if r[sweep.field] is None else str(r[sweep.field]),
+            f"{100 * r['slo_attainment']:.3f}%",
+            f"{r['wait_p99_s']:.2f} s",
+            f"{r['streams_rejected']:,}",
+            f"{r['streams_cut']:,}",
+            f"{r['gpu_hours']:,.1f}",
+            f"{r['gpu_hours_vs_oracle_lead']:.3f}x",
+            f"{r['scale_events']:,}",
+        )
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    console.print(table)
+    if args.plot is not None:
+        console.print(f"frontier plot written to {args.plot}")
     return 0
 
 

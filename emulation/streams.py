@@ -116,11 +116,13 @@ class StreamBook:
         tick: Tick,
         *,
         eligible: IntArray,
-        slots: int,
+        slots: int | IntArray,
         coming: Sequence[tuple[int, float]],
     ) -> int:
         """Serve one tick's arrivals on pods `eligible` (ids, Ready and not draining at t0) and `coming` (id,
-        ready time in the tick). Returns the SLO misses decided in it."""
+        ready time in the tick). Returns the SLO misses decided in it.
+
+        `slots` is every pod's stream slots, or an array of them indexed by pod id (a mixed GPU pool)."""
         t0, t1, arr, dur = tick.t0, tick.t1, tick.arr, tick.dur
         self.arrived += arr.size
         coming_ids = np.array([p for p, _ in coming], dtype=np.int64)
@@ -129,7 +131,14 @@ class StreamBook:
         is_elig = np.zeros(n_ids, dtype=bool)
         is_elig[pods_t1] = True
         live0 = np.bincount(self.act_pod, minlength=n_ids)
-        free0 = int(np.maximum(slots - live0[eligible], 0).sum())
+        per_pod = not isinstance(slots, int)
+        if per_pod:
+            slots_arr = np.asarray(slots, dtype=np.int64)
+            if slots_arr.size < n_ids:  # pods the caller has not sized (none in practice) get the last size
+                slots_arr = np.concatenate([slots_arr, np.full(n_ids - slots_arr.size, slots_arr[-1])])
+            free0 = int(np.maximum(slots_arr[eligible] - live0[eligible], 0).sum())
+        else:
+            free0 = int(np.maximum(slots - live0[eligible], 0).sum())
         ending = self.act_end <= t1
         releases = self.act_end[ending & is_elig[self.act_pod]]
         queued_before = self.q_arr.size
@@ -142,7 +151,9 @@ class StreamBook:
         if not fast:
             parts = [np.full(free0, t0), releases]
             if coming:
-                parts.append(np.repeat(np.array([t for _, t in coming]), slots))
+                parts.append(
+                    np.repeat(np.array([t for _, t in coming]), slots_arr[coming_ids] if per_pod else slots)
+                )
             supply = np.concatenate(parts)
             supply.sort()
             if queued_before == 0:
@@ -196,7 +207,10 @@ class StreamBook:
         self.completed += n_end_old + ends.size - n_live
         if n_live:
             load = np.bincount(self.act_pod, minlength=n_ids)[pods_t1]
-            placed = place(n_live, pods_t1, load, slots=slots, rng=self.rng)
+            if per_pod:
+                placed = place_weighted(n_live, pods_t1, load, slots=slots_arr[pods_t1], rng=self.rng)
+            else:
+                placed = place(n_live, pods_t1, load, slots=int(slots), rng=self.rng)
             self.act_end = np.concatenate([self.act_end, ends[live]])
             self.act_pod = np.concatenate([self.act_pod, placed])
             new_met = np.ones(n_live, dtype=bool) if met_new is None else met_new[live]
@@ -286,6 +300,36 @@ def place(n: int, pods: IntArray, load: IntArray, *, slots: int, rng: random.Ran
         at_level = np.flatnonzero((load + take == lo) & (take < room))
         first = rng.randrange(at_level.size)  # the picker's random tie-break among equals
         take[at_level[(first + np.arange(left)) % at_level.size]] += 1
+    return np.repeat(pods, take)
+
+
+def place_weighted(
+    n: int, pods: IntArray, load: IntArray, *, slots: IntArray, rng: random.Random
+) -> IntArray:
+    """`place` for pods of different sizes (a mixed GPU pool): each stream goes to the pod whose next slot is
+    the least full relative to its own slots, which is the balancer's least-loaded rule with capacity weights
+    (load / weight). Exact water-filling: every free slot is a candidate at level (load + k) / slots, the `n`
+    lowest are taken, ties in random order (the picker's tie-break); more streams than free slots go to the
+    least loaded pod, as in `place`."""
+    if n <= 0:
+        return np.empty(0, dtype=np.int64)
+    if pods.size == 0:
+        return np.full(n, -1, dtype=np.int64)
+    load = load.astype(np.int64)
+    room = np.maximum(slots - load, 0)
+    total = int(room.sum())
+    owner = np.repeat(np.arange(pods.size), room)
+    k = np.arange(total) - np.repeat(np.cumsum(room) - room, room) + 1
+    level = (load[owner] + k) / slots[owner]
+    tie = (
+        np.array([rng.random() for _ in range(total)])
+        if total <= 4096
+        else np.random.default_rng(rng.getrandbits(32)).random(total)
+    )
+    order = np.lexsort((tie, level))[:n]
+    take = np.bincount(owner[order], minlength=pods.size)
+    if n > total:
+        take[int(np.argmin(load / np.maximum(slots, 1)))] += n - total
     return np.repeat(pods, take)
 
 

@@ -551,6 +551,7 @@ def _node_state(obj: Obj, resource_name: str) -> cluster.NodeState | None:
         ready=is_ready,
         created_s=api.parse_time(obj["metadata"].get("creationTimestamp")) or 0.0,
         ready_s=api.parse_time(ready.get("lastTransitionTime")) if ready and is_ready else None,
+        gpu_product=(obj["metadata"].get("labels") or {}).get(cluster.GPU_PRODUCT_LABEL),
     )
 
 

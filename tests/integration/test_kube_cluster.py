@@ -69,6 +69,7 @@ async def test_state_reports_pods_by_phase_and_measured_lead_times(env: Env) -> 
     clock.advance(240)  # the node takes 4 minutes to become Ready
     node = api.get("", "nodes", "", "gpu-a")
     assert node is not None
+    node["metadata"]["labels"][cluster.GPU_PRODUCT_LABEL] = "NVIDIA-H100-80GB-HBM3"  # GPU feature discovery
     node["status"]["conditions"][0]["lastTransitionTime"] = clock_mod.utc_iso(clock.now())
     api.put(node)
     first, second = pod_names(api)
@@ -98,6 +99,7 @@ async def test_state_reports_pods_by_phase_and_measured_lead_times(env: Env) -> 
     assert state.ready_replicas == 1
     assert state.pending_gpus == 1  # the pending pod's GPU
     assert [(n.name, n.gpus, n.ready) for n in state.nodes] == [("gpu-a", 8, True)]
+    assert state.nodes[0].gpu_product == "NVIDIA-H100-80GB-HBM3"  # matched against capacity.gpuTypes
     assert state.measured_node_provisioning_s == pytest.approx(240.0)
     assert state.measured_pod_start_s == pytest.approx(45.0)
     assert state.measured_model_load_s == pytest.approx(100.0)

@@ -57,3 +57,13 @@ def test_actions_are_typed_and_read_as_their_log_line() -> None:
     assert [str(a) for a in done] == ["provision 8 GPUs", "scale 1 -> 3"]
     scale = done[-1]
     assert isinstance(scale, acting.Scale) and (scale.previous, scale.replicas) == (1, 3)
+
+
+def test_capacity_weight_goes_on_the_pod_for_the_balancer_once() -> None:
+    """The balancer's EndpointSlice watch reads `forestall.dev/capacity-weight`: decide() derives it from the
+    pod's node GPU type, apply_plan writes it (once)."""
+    fake = FakeCluster(_state(a={}, b={}))
+    plan = decide.Plan(desired_replicas=2, capacity_weight={"a": 2.0})
+    assert acting.apply_plan(fake, plan, fake.state(), now=5.0) == [acting.CapacityWeight("a", 2.0)]
+    assert fake.state().pods[0].annotations == {"forestall.dev/capacity-weight": "2"}
+    assert acting.apply_plan(fake, plan, fake.state(), now=6.0) == []

@@ -527,7 +527,10 @@ def test_scale_down_empties_the_emptiest_node_first() -> None:
     placement = {"w0": "n1", "w1": "n1", "w2": "n1", "w3": "n2", "w4": "n3", "w5": "n3"}
     pods = tuple(dataclasses.replace(p, node=placement[p.name]) for p in ready_pods(6))
     sigs = make_signals({"w0": 0, "w1": 0, "w2": 0, "w3": 4, "w4": 3, "w5": 2})
-    plan = run(spec, NOW, flat(9), sigs, make_state(6, pods=pods))
+    nodes = tuple(
+        cluster.NodeState(name=n, gpus=8, ready=True, created_s=NOW - 7200) for n in ("n1", "n2", "n3")
+    )
+    plan = run(spec, NOW, flat(9), sigs, make_state(6, pods=pods, nodes=nodes))
     # 9 streams need 1 replica; two may go this minute: n2's only pod, then n3's less loaded one.
     assert plan.drain == ("w3", "w5")
 
