@@ -218,7 +218,11 @@ class PolicyPipeline:
             )
             if peak is None and fc.error_:
                 errors = (*errors, fc.error_)
-        plan = self.decide_fn(spec, now, history=history, forecast=peak, signals=reading.signals, state=state)
+        # decide() is pure but runs where blocking work runs: a slow one (thousands of pods) must not stall
+        # the event loop, which also renews the leader's Lease.
+        plan = await self.offload(
+            self.decide_fn, spec, now, history=history, forecast=peak, signals=reading.signals, state=state
+        )
         dry = self.dry_run or spec.mode == "dryRun"
         actions: tuple[acting.Action, ...] = ()
         if not dry:

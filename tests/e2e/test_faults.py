@@ -63,6 +63,7 @@ class System:
         ctl = loop.Controller(
             client,
             demand=self.demand,
+            forecasts=self.demand.forecaster,
             clock=self.clock,
             controller_metrics=metrics.ControllerMetrics(CollectorRegistry()),
             namespace=NS,
@@ -178,12 +179,12 @@ async def test_the_leader_killed_mid_scale_up_is_replaced_with_no_duplicate_or_l
     killed: set[str] = set()
 
     def stalling(name: str) -> Any:
-        def decide_fn(*args: Any) -> decide.Plan:
+        def decide_fn(*args: Any, **inputs: Any) -> decide.Plan:
             if name in killed or (system.demand.level["chat"] > 20 and name == "a"):
                 entered.set()
                 gate.wait(30)
                 raise RuntimeError("the process is dead")  # never acts: killed mid-scale-up
-            return decide.decide(*args)
+            return decide.decide(*args, **inputs)
 
         return decide_fn
 

@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from contract import clock as clock_mod
-from controller import decide, loop, metrics, policy
+from controller import decide, loop, metrics, pipeline, policy
 from controller.kube import api as kube_api_mod
 from controller.kube import lease, reporting
 from tests.fakes import kube_api
@@ -26,34 +26,47 @@ LEASE = {"lease_duration_s": 6.0, "renew_deadline_s": 4.0, "retry_period_s": 1.0
 
 
 class Level:
-    """Flat demand at `level[policy]` (no history: the live level alone drives decide())."""
+    """Flat demand at `level[policy]`: an hour of history at that level and, through `forecaster` (the loop's
+    forecast factory), a forecast of the same level."""
 
     def __init__(self) -> None:
         self.level: dict[str, float] = {}
 
-    async def read(
-        self, scaling_policy: policy.ScalingPolicy, *, now: float, horizon_s: float
-    ) -> tuple[decide.DemandHistory | None, decide.SignalsSnapshot | None]:
+    async def read(self, scaling_policy: policy.ScalingPolicy, *, now: float) -> pipeline.DemandReading:
         import numpy as np
 
         value = self.level.get(scaling_policy.metadata.name, 0.0)
         stamps = np.arange(now - 3600.0, now + 1e-9, 60.0)
-        forecast = decide.PeakForecast(
+        history = decide.DemandHistory(
+            step_s=60.0, timestamps=stamps, values=np.full(stamps.shape, value), fetched_s=now
+        )
+        return pipeline.DemandReading(history, None)
+
+    def forecaster(self, scaling_policy: policy.ScalingPolicy) -> FlatForecast:
+        return FlatForecast(self, scaling_policy)
+
+
+class FlatForecast:
+    """One policy's forecast: its current level, flat over the horizon."""
+
+    def __init__(self, demand: Level, scaling_policy: policy.ScalingPolicy) -> None:
+        self.demand = demand
+        self.name = scaling_policy.metadata.name
+        self.settings = scaling_policy.spec.forecast
+        self.error_: str | None = None
+        self.last_: decide.PeakForecast | None = None
+
+    def peak(self, timestamps: Any, values: Any, *, now: float, horizon_s: float) -> decide.PeakForecast:
+        value = self.demand.level.get(self.name, 0.0)
+        self.last_ = decide.PeakForecast(
             value=value,
-            quantile=scaling_policy.spec.forecast.quantile,
+            quantile=self.settings.quantile,
             horizon_s=horizon_s,
             model="flat",
             computed_s=now,
             path=(value,),
         )
-        history = decide.DemandHistory(
-            step_s=60.0,
-            timestamps=stamps,
-            values=np.full(stamps.shape, value),
-            forecast=forecast,
-            fetched_s=now,
-        )
-        return history, None
+        return self.last_
 
 
 class Env:
@@ -65,6 +78,7 @@ class Env:
         self.controller = loop.Controller(
             self.client,
             demand=self.demand,
+            forecasts=self.demand.forecaster,
             clock=clock,
             controller_metrics=metrics.ControllerMetrics(self.registry),
             namespace=NS,
@@ -238,7 +252,8 @@ async def test_a_crashed_elector_is_restarted(make_env: Any) -> None:
         )
         controller = loop.Controller(
             client,
-            demand=Level(),
+            demand=(level := Level()),
+            forecasts=level.forecaster,
             clock=clock,
             controller_metrics=metrics.ControllerMetrics(CollectorRegistry()),
             namespace=NS,
@@ -261,10 +276,10 @@ async def test_sigterm_releases_the_lease_only_after_in_flight_reconciles_finish
     clock = clock_mod.FakeClock(start=1_800_000_000.0)
     entered, proceed = threading.Event(), threading.Event()
 
-    def blocking(*args: Any) -> decide.Plan:
+    def blocking(*args: Any, **inputs: Any) -> decide.Plan:
         entered.set()
         proceed.wait(30)
-        return decide.decide(*args)
+        return decide.decide(*args, **inputs)
 
     async with FakeKubeApi(clock=clock, bookmark_interval_s=0.1) as api:
         api.put(kube_api.deployment("chat", NS, replicas=2))
@@ -275,7 +290,8 @@ async def test_sigterm_releases_the_lease_only_after_in_flight_reconciles_finish
         )
         controller = loop.Controller(
             client,
-            demand=Level(),
+            demand=(level := Level()),
+            forecasts=level.forecaster,
             clock=clock,
             controller_metrics=metrics.ControllerMetrics(CollectorRegistry()),
             namespace=NS,

@@ -91,6 +91,9 @@ async def test_inferencepool_selector_port_readiness_drain_and_termination() -> 
             await wait_until(lambda: "10.0.0.3:8000" in _states(served), what="w2 joined when ready")
             terminating = _pod("w0", "10.0.0.1")
             terminating["metadata"]["deletionTimestamp"] = clock_mod.utc_iso(clock_mod.SYSTEM.now())
+            # A pod in its grace period: the fake API server completes a deletion once no finalizer holds
+            # the object (it does not model the kubelet's graceful termination), so one stands in for it.
+            terminating["metadata"]["finalizers"] = ["test.forestall.dev/grace-period"]
             api.put(terminating)
             await wait_until(
                 lambda: _states(served).get("10.0.0.1:8000") == "draining", what="terminating pod drained"
