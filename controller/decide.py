@@ -669,6 +669,7 @@ def _scale_down(
         order=lambda p: (_PHASE_RANK[p.phase], inputs.pod_load.get(p.name, 0), -p.created_s, p.name),
         node_rank=node_load,
         known_nodes=known,
+        whole_nodes=spec.scale_down.whole_nodes,
     )
     if (
         state.removal_order == "highest-ordinal"

@@ -293,6 +293,12 @@ class ScaleDown(_Model):
     """After this, a draining pod is removed even with streams left (they are cut and counted). At most the
     stabilization window: the demand that justified the removal is stale after that."""
 
+    whole_nodes: bool = True
+    """Remove pods only as whole GPU nodes empty (emptiest node first). True suits a pool whose nodes serve
+    this model alone: a pod drained from a node that stays saves nothing and costs a lead time to get back.
+    Set false when the nodes are shared with other workloads, so surplus pods go one by one (least used
+    first) and their GPUs serve the others."""
+
     @model_validator(mode="after")
     def _check(self) -> Self:
         if self.drain_timeout_s > self.stabilization_window_s:

@@ -102,6 +102,7 @@ def drain_whole_nodes(
     weight: Callable[[cluster.PodState], float] = lambda _p: 1.0,
     node_rank: Mapping[str, Any] | None = None,
     known_nodes: Collection[str] | None = None,
+    whole_nodes: bool = True,
 ) -> list[cluster.PodState]:
     """Pods to drain so that whole nodes empty: unplaced pods, then every pod of the emptiest nodes.
 
@@ -115,6 +116,8 @@ def drain_whole_nodes(
         known_nodes: the GPU nodes the snapshot lists. A pod on a node outside them (one the controller
             cannot see, or a test's bare name) is its own group: without the node's GPUs there is no whole
             node to empty, and pod by pod is the best there is. None: every node counts.
+        whole_nodes: False (`scaleDown.wholeNodes`, nodes shared with other workloads): the emptiest nodes'
+            pods are taken one by one as far as `excess` goes, without waiting to empty a node.
 
     A node is taken only when `excess` covers all its serving pods; its pods are then listed in `order`. The
     caller marks as many of them as its rate limit allows (the next reconcile continues on the same node,
@@ -139,6 +142,13 @@ def drain_whole_nodes(
     for _, pods in ranked:
         total = sum(weight(p) for p in pods)
         if total > left + eps:
+            if whole_nodes:
+                break
+            for p in sorted(pods, key=order):  # a shared node: as many of its pods as the surplus covers
+                if weight(p) > left + eps:
+                    break
+                chosen.append(p)
+                left -= weight(p)
             break
         chosen += sorted(pods, key=order)
         left -= total

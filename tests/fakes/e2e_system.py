@@ -101,6 +101,8 @@ def policy_object(prometheus_url: str, balancer_admin_port: int) -> dict[str, An
         forecast={"stepSeconds": 1, "historySeconds": 300, "quantile": 0.95},
         leadTime={"nodeProvisioningSeconds": 4, "podStartSeconds": 1, "modelLoadSeconds": 2},
         scaleDown={
+            # one node carries every pod here: whole-node draining would hold them all (see decide.py)
+            "wholeNodes": False,
             "stabilizationWindowSeconds": STABILIZATION_S,
             "maxPodsPerMinute": MAX_REPLICAS,
             "drainTimeoutSeconds": STABILIZATION_S,

@@ -30,6 +30,25 @@ def test_surplus_smaller_than_any_node_drains_nothing() -> None:
     assert "WholeNodeHold" in codes(plan) and plan.desired_replicas == 8
 
 
+def test_nodes_shared_with_other_workloads_give_back_pods_one_by_one() -> None:
+    """`scaleDown.wholeNodes: false`: the same surplus drains 3 pods from one node (their GPUs serve other
+    workloads), the least used first, and never more than the surplus."""
+    spec = make_spec(
+        scaleDown={
+            "maxPodsPerMinute": 4,
+            "stabilizationWindowSeconds": 600,
+            "drainTimeoutSeconds": 300,
+            "wholeNodes": False,
+        }
+    )
+    placement = {f"w{i}": ("n1" if i < 4 else "n2") for i in range(8)}
+    sigs = make_signals({f"w{i}": 5 for i in range(8)} | {"w1": 1, "w2": 2})
+    plan = run(spec, NOW, flat(45), sigs, make_state(8, pods=_placed(placement), nodes=_nodes("n1", "n2")))
+    assert len(plan.drain) == 3 and {"w1", "w2"} <= set(plan.drain)
+    assert all(placement[name] == "n1" for name in plan.drain)
+    assert "WholeNodeHold" not in codes(plan)
+
+
 def test_surplus_covering_a_node_drains_all_of_it_before_touching_another() -> None:
     spec = make_spec(
         scaleDown={"maxPodsPerMinute": 8, "stabilizationWindowSeconds": 600, "drainTimeoutSeconds": 300}
