@@ -98,31 +98,43 @@ async def test_only_refusing_backends_answer_502_with_a_json_body() -> None:
         assert lb.active() == 0
 
 
-async def test_hung_backend_times_out_before_first_byte_and_the_stream_is_retried() -> None:
+async def test_hung_backend_times_out_a_get_is_retried_and_a_post_is_not() -> None:
+    """M8: a POST that hung after delivery was retried and reached two backends. Now only idempotent
+    requests are retried after a timeout; the POST gets 504 and the second backend never sees it."""
     accepted: list[asyncio.StreamWriter] = []
+    seen: list[str] = []
 
     async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.append(writer)  # read nothing, answer nothing
 
+    async def ok(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        await request.read()
+        return web.json_response({"ok": True})
+
     server = await asyncio.start_server(hang, "127.0.0.1", 0)
     hung = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    runner, healthy = await scripted_backend(ok)
     try:
         async with (
-            emulators(FAST) as addrs,
-            balancer([hung, *addrs], first_byte_timeout_s=0.2, idle_timeout_s=5.0) as lb,
+            balancer([hung, healthy], first_byte_timeout_s=0.2, idle_timeout_s=5.0) as lb,
             aiohttp.ClientSession() as http,
         ):
-            async with http.post(f"{lb.url}/v1/completions", json=completion_body()) as resp:
-                assert resp.status == 200
-                assert (await read_sse(resp))[-1] == "[DONE]"
+            async with http.get(f"{lb.url}/v1/models") as resp:
+                assert resp.status == 200 and seen == ["GET"]
             assert lb.bal.pool.backends[hung].failed == {"timeout": 1}
-            assert lb.bal.pool.backends[addrs[0]].completed == 1
+            async with http.post(f"{lb.url}/v1/completions", json=completion_body()) as resp:
+                assert resp.status == 504
+                assert (await resp.json())["error"]["message"] == "the backend did not answer in time"
+            assert seen == ["GET"]  # the POST reached one backend only
+            assert lb.bal.pool.backends[hung].failed == {"timeout": 2}
             assert lb.active() == 0
     finally:
         for writer in accepted:
             writer.close()
         server.close()
         await server.wait_closed()
+        await runner.cleanup()
 
 
 async def test_jsonrpc_errors_in_200s_eject_the_backend_for_growing_times() -> None:

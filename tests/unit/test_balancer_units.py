@@ -114,14 +114,66 @@ def test_new_sessions_respect_the_bounded_load() -> None:
     assert (a.sessions, b.sessions) == (10, 10)
 
 
-def test_session_of_a_removed_backend_is_gone() -> None:
+def test_sealed_session_routes_to_its_backend_and_restores_its_id() -> None:
     bal = _balancer(2)
+    sealed = bal.seal.seal("10.0.0.1:80", "backend-own-id")
+    assert sealed.isascii() and "10.0.0.1" not in sealed and "backend-own-id" not in sealed
+    route = bal.open_session(sealed)
+    assert route.refusal is None and route.backend is bal.pool.backends["10.0.0.1:80"]
+    assert route.backend_session_id == "backend-own-id"
+
+
+def test_forged_or_foreign_session_ids_do_not_open() -> None:
+    bal, other = _balancer(2), _balancer(2)
+    sealed = bal.seal.seal("10.0.0.1:80", "sid")
+    tampered = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    for forged in (tampered, other.seal.seal("10.0.0.1:80", "sid"), "abc", "", "x" * 5000, "%%%"):
+        assert bal.open_session(forged).refusal == "unknown"
+
+
+def test_session_of_a_removed_backend_is_gone_and_of_an_ejected_one_is_kept() -> None:
+    fake = clock_mod.FakeClock()
+    bal = _balancer(3, clock=fake, consecutive_failures=1, base_ejection_s=10.0)
     a = bal.pool.backends["10.0.0.0:80"]
-    bal.sessions.bind("abc", a)
-    assert bal.sessions.lookup("abc") is a
+    sealed = bal.seal.seal(a.address, "sid")
+    bal.sessions.bind(sealed, a, client="1.2.3.4")
+    assert bal.outliers.failure(a, "connect")
+    route = bal.open_session(sealed)
+    assert route.refusal == "ejected" and route.retry_after_s == 10.0
+    assert len(bal.sessions) == 1 and a.sessions == 1  # kept while ejected
+    fake.advance(10.0)
+    assert bal.open_session(sealed).refusal is None
     bal.pool.sync([BackendSpec(address="10.0.0.1:80")], source="inline")
-    assert bal.sessions.lookup("abc") is None
+    assert bal.open_session(sealed).refusal == "gone"
     assert len(bal.sessions) == 0 and a.sessions == 0
+
+
+def test_session_keys_come_from_a_shared_file_and_rotate(tmp_path: Path) -> None:
+    import base64
+
+    old, new = (base64.b64encode(bytes([i]) * 32).decode() for i in (1, 2))
+    path = tmp_path / "keys"
+    path.write_text(old + "\n")
+    first = sessions.SessionSeal.from_file(path)
+    sealed_old = first.seal("10.0.0.1:80", "sid")
+    path.write_text(f"{new}\n{old}\n")
+    rotated = sessions.SessionSeal.from_file(path)
+    assert rotated.open(sealed_old) == ("10.0.0.1:80", "sid")  # old ids still open
+    assert first.open(rotated.seal("10.0.0.1:80", "x")) is None  # new ids use the new key
+    path.write_text("not base64 of 32 bytes\n")
+    with pytest.raises(ConfigError, match="line 1: expected base64 of 32"):
+        sessions.SessionSeal.from_file(path)
+
+
+def test_session_table_is_bounded_per_client_without_breaking_routing() -> None:
+    bal = _balancer(1, max_sessions_per_client=3)
+    backend = next(iter(bal.pool.backends.values()))
+    ids = [bal.seal.seal(backend.address, f"s{i}") for i in range(10)]
+    for sid in ids:
+        bal.sessions.bind(sid, backend, client="10.9.9.9")
+    bal.sessions.bind(bal.seal.seal(backend.address, "other"), backend, client="10.8.8.8")
+    assert bal.sessions.counted("10.9.9.9") == 3 and len(bal.sessions) == 4 and backend.sessions == 4
+    assert bal.open_session(ids[0]).backend is backend  # evicted from the count, still routable
 
 
 def test_idle_sessions_expire() -> None:
@@ -133,7 +185,7 @@ def test_idle_sessions_expire() -> None:
     bal.sessions.bind("new", backend)
     fake.advance(40.0)
     assert bal.sessions.expire() == 1
-    assert bal.sessions.lookup("new") is backend and bal.sessions.lookup("old") is None
+    assert len(bal.sessions) == 1 and backend.sessions == 1
 
 
 def test_consistent_hashing_keeps_keys_and_moves_few_when_a_backend_joins() -> None:
