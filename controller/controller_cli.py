@@ -17,6 +17,7 @@ import argparse
 import os
 import socket
 import uuid
+from pathlib import Path
 from typing import Any
 
 
@@ -58,6 +59,18 @@ def add_parser(subparsers: Any) -> None:
         default=8080,
         metavar="PORT",
         help="port serving Prometheus metrics at /metrics (0 disables); default 8080",
+    )
+    p.add_argument(
+        "--signals-scheme",
+        choices=("http", "https"),
+        default="http",
+        help="scheme for the balancers' /signals: https when their admin listener has admin_tls_cert; default http",
+    )
+    p.add_argument(
+        "--signals-ca-file",
+        type=Path,
+        metavar="PATH",
+        help="CA bundle verifying the balancers' admin certificates (with --signals-scheme https)",
     )
     p.add_argument(
         "--metrics-address",
@@ -171,7 +184,11 @@ async def _main(args: argparse.Namespace) -> None:
             retry_period_s=args.retry_period_s,
         )
     holder: list[loop.Controller] = []
-    demands = demand.Demands(balancer_endpoints=lambda ns, svc: holder[0].caches.service_addresses(ns, svc))
+    demands = demand.Demands(
+        balancer_endpoints=lambda ns, svc: holder[0].caches.service_addresses(ns, svc),
+        signals_scheme=args.signals_scheme,
+        signals_ca_file=args.signals_ca_file,
+    )
     controller = loop.Controller(
         api_client,
         demand=demands,

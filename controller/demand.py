@@ -33,8 +33,10 @@ import datetime as dt
 import ipaddress
 import logging
 import math
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -207,12 +209,20 @@ async def fetch_signals(
     timeout_s: float = SIGNALS_TIMEOUT_S,
     path: str = "/signals",
     headers: Mapping[str, str] | None = None,
+    scheme: str = "http",
 ) -> SignalsReading:
-    """Ask every replica (`host:port`) for its signals at once and merge the fresh, valid answers."""
+    """Ask every replica (`host:port`) for its signals at once and merge the fresh, valid answers.
+
+    `scheme` is "https" when the balancers serve their admin listener with TLS (`admin_tls_cert`); the session
+    then carries the CA that verifies them (`Demands(signals_ca_file=...)`).
+    """
     if not replicas:
         return SignalsReading(None, ("no balancer replicas found (the Service has no ready endpoints)",), 0)
     answers = await asyncio.gather(
-        *(_fetch_one(session, r, path=path, timeout_s=timeout_s, headers=headers) for r in replicas)
+        *(
+            _fetch_one(session, r, path=path, timeout_s=timeout_s, headers=headers, scheme=scheme)
+            for r in replicas
+        )
     )
     reports: list[signals_mod.Signals] = []
     errors: list[str] = []
@@ -247,9 +257,10 @@ async def _fetch_one(
     path: str,
     timeout_s: float,
     headers: Mapping[str, str] | None,
+    scheme: str = "http",
 ) -> signals_mod.Signals | str:
     """One replica's report, or a sentence saying why there is none."""
-    url = f"http://{replica}{path}"
+    url = f"{scheme}://{replica}{path}"
     try:
         async with asyncio.timeout(timeout_s):
             async with session.get(url, headers=headers, allow_redirects=False) as resp:
@@ -390,6 +401,7 @@ class PolicyDemand:
         horizon_s: float,
         session: aiohttp.ClientSession | None = None,
         balancer_replicas: Sequence[str] = (),
+        signals_scheme: str = "http",
     ) -> DemandReading:
         """Read history and signals (both at once), forecast the peak over `horizon_s` (`decide.horizon_s`)."""
         spec = self.spec
@@ -401,7 +413,11 @@ class PolicyDemand:
             if spec.demand.balancer is not None and session is not None:
                 signals_task = tg.create_task(
                     fetch_signals(
-                        session, balancer_replicas, now=now, stale_after_s=spec.demand.stale_after_s
+                        session,
+                        balancer_replicas,
+                        now=now,
+                        stale_after_s=spec.demand.stale_after_s,
+                        scheme=signals_scheme,
                     )
                 )
             prom_task = None
@@ -455,6 +471,8 @@ class Demands:
         balancer_endpoints: looks up a balancer Service's ready endpoint addresses; without it, policies
             that name a balancer get no signals (and `decide()` holds their capacity, `SignalsMissing`).
         signals_timeout_s: per balancer replica.
+        signals_scheme: "https" when the balancers' admin listeners serve TLS (their `admin_tls_cert`).
+        signals_ca_file: CA bundle verifying the balancers' admin certificates (default: the system store).
     """
 
     def __init__(
@@ -463,9 +481,15 @@ class Demands:
         balancer_endpoints: EndpointLookup | None = None,
         signals_timeout_s: float = SIGNALS_TIMEOUT_S,
         refit_every_s: float = 3600.0,
+        signals_scheme: str = "http",
+        signals_ca_file: Path | None = None,
     ) -> None:
+        if signals_scheme not in ("http", "https"):
+            raise ValueError(f"signals_scheme must be 'http' or 'https', got {signals_scheme!r}")
         self.balancer_endpoints = balancer_endpoints
         self.signals_timeout_s = signals_timeout_s
+        self.signals_scheme = signals_scheme
+        self.signals_ca_file = signals_ca_file
         self.refit_every_s = refit_every_s
         self._policies: dict[tuple[str, str], PolicyDemand] = {}
         self._errors: dict[tuple[str, str], tuple[str, ...]] = {}
@@ -496,14 +520,19 @@ class Demands:
                 except Exception as exc:  # a lookup failure is missing data, not a crash
                     lookup_error = f"balancer Service {namespace}/{bal.service}: endpoints unavailable: {exc}"
         if self._session is None:
+            ssl_ctx: ssl.SSLContext | bool = True
+            if self.signals_ca_file is not None:
+                ssl_ctx = ssl.create_default_context(cafile=str(self.signals_ca_file))
             self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.signals_timeout_s * 2)
+                timeout=aiohttp.ClientTimeout(total=self.signals_timeout_s * 2),
+                connector=aiohttp.TCPConnector(ssl=ssl_ctx),
             )
         reading = await pd.read(
             now,
             horizon_s=horizon_s,
             session=self._session if lookup_error is None else None,
             balancer_replicas=replicas,
+            signals_scheme=self.signals_scheme,
         )
         errors = reading.errors if lookup_error is None else (lookup_error, *reading.errors)
         errors = tuple(e for e in errors if e != "no HTTP session to read balancer signals with")

@@ -1114,3 +1114,16 @@ def test_dockerfile_build_context_builds_the_forestall_wheel(tmp_path: Path) -> 
         assert f"{package}/__init__.py" in names
     # The lab ships in the wheel so `forestall simulate` and `forestall demo` work from it, bundled trace included.
     assert "emulation/data/azure_llm_2024_conv_2days_30s.csv" in names
+
+
+def test_balancer_replicas_share_the_mcp_session_key_from_a_secret(rendered: dict[str, list[Obj]]) -> None:
+    """M4: replicas behind a Service without affinity must open each other's sealed MCP session ids."""
+    pod = _find(rendered["base"], "Deployment", "forestall-balancer")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    key_file = env["FORESTALL_BALANCER_SESSION_KEY_FILE"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume_name = mounts[key_file.rsplit("/", 1)[0]]
+    volume = next(v for v in pod["volumes"] if v["name"] == volume_name)
+    assert volume["secret"]["secretName"] == "forestall-balancer-session-key"
+    assert not volume["secret"].get("optional", False)  # a replica must not start with a key of its own
