@@ -126,13 +126,6 @@ class _GuardedHandler(web_protocol.RequestHandler):
                 partial=True
             )  # bytes of a new request's head, outside any request's handling
 
-    def log_exception(self, *args: Any, **kw: Any) -> None:
-        exc = kw.get("exc_info")
-        if isinstance(exc, HttpProcessingError):
-            log.info("malformed request refused: %s", responses.redact(f"{exc.code} {exc.message}"))
-            return
-        super().log_exception(*args, **kw)
-
     def _arm_head_timer(self, *, partial: bool) -> None:
         self._cancel_head_timer()
         self.head_partial = partial
@@ -154,12 +147,30 @@ class _GuardedHandler(web_protocol.RequestHandler):
         transport.close()
 
 
+class QuietMalformed(logging.Filter):
+    """Turns aiohttp's traceback for a malformed request into one redacted INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.exc_info = None
+            record.exc_text = None
+            record.msg = "malformed request refused: %s"
+            record.args = (responses.redact(f"{exc.code} {exc.message}"[:300]),)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_QUIET = QuietMalformed()
+
+
 class GuardedRunner(web.AppRunner):
     """AppRunner serving its app with `GuardedServer` (caps, header deadline, keep-alive timeout)."""
 
     def __init__(self, app: web.Application, *, config: BalancerConfig, **kwargs: Any) -> None:
         super().__init__(app, keepalive_timeout=config.keepalive_timeout_s, **kwargs)
         self.config = config
+        logging.getLogger("aiohttp.server").addFilter(_QUIET)  # a set: adding it again is harmless
 
     async def _make_server(self) -> web.Server:
         plain = await super()._make_server()

@@ -245,7 +245,7 @@ class _Attempts:
             relaying = True
             return await _relay(request, bal, lease, upstream, out_headers, start_s=start_s, plan=self.plan)
         except asyncio.CancelledError:  # the client left (aiohttp cancelled us) or the server is stopping
-            backend.count_failure("cancelled")
+            backend.count_failure("client_stalled" if lease.client_stalled else "cancelled")
             raise
         finally:
             if not relaying:
@@ -365,9 +365,9 @@ async def _relay(
             backend.count_failure("client_stalled")
         elif _client_gone(request):
             backend.count_failure("client_gone")
-        elif lease.idle_timed_out and _notification_stream(request, plan):
+        elif _notification_stream(request, plan) and (lease.idle_timed_out or isinstance(exc, TimeoutError)):
             backend.count_failure("idle_notifications")  # a quiet MCP GET stream is normal, not a fault
-            await _end_broken(request, resp, content_type)
+            await _end_quietly(request, resp)
         else:
             timed_out = isinstance(exc, TimeoutError) or lease.idle_timed_out
             bal.outliers.failure(backend, "timeout" if timed_out else "midstream")
@@ -412,6 +412,18 @@ async def _end_broken(request: web.Request, resp: web.StreamResponse, content_ty
             return
         except (ConnectionResetError, aiohttp.ClientError):
             pass
+    if request.transport is not None:
+        request.transport.close()
+
+
+async def _end_quietly(request: web.Request, resp: web.StreamResponse) -> None:
+    """End a stream that did nothing wrong (a quiet notification stream): a clean end; the client reconnects."""
+    try:
+        if resp.prepared:
+            await resp.write_eof()
+            return
+    except (ConnectionResetError, aiohttp.ClientError):
+        pass
     if request.transport is not None:
         request.transport.close()
 
