@@ -14,6 +14,7 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -275,11 +276,9 @@ async def test_invalid_header_bytes_get_400_and_malformed_requests_log_no_traceb
     assert not [r for r in caplog.records if r.exc_info], "a malformed request logged a traceback"
 
 
-async def test_nan_and_infinite_admin_weights_are_refused(tmp_path: object) -> None:
+async def test_nan_and_infinite_admin_weights_are_refused(tmp_path: Path) -> None:
     """Low: NaN or Inf admin weights were accepted and made /signals answer 500."""
-    from pathlib import Path
-
-    token = Path(str(tmp_path)) / "token"
+    token = tmp_path / "token"
     token.write_text("t")
     async with (
         _backend(_ok) as address,
@@ -288,7 +287,7 @@ async def test_nan_and_infinite_admin_weights_are_refused(tmp_path: object) -> N
     ):
         headers = {"Authorization": "Bearer t", "Content-Type": "application/json"}
         for literal in ("NaN", "Infinity", "-Infinity", "1e999"):
-            body = '{"address": "%s", "weight": %s}' % (address, literal)
+            body = f'{{"address": "{address}", "weight": {literal}}}'
             async with http.post(f"{lb.admin_url}/admin/weights", data=body, headers=headers) as resp:
                 assert resp.status == 400, literal
         assert lb.bal.pool.backends[address].weight == 1.0
