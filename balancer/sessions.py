@@ -14,7 +14,9 @@ since ejection is temporary and the backend still holds the session's state.
 `SessionTable` only counts sessions as load (bounded-load placement and the signals' oldest-session age) on
 the replica that saw them; because routing never depends on it, it is bounded by evicting the oldest entries,
 per client address (`max_sessions_per_client`) and overall (`max_sessions`). `DELETE` or a backend 404 on the
-MCP path ends an entry; an idle one is forgotten after `session_idle_timeout_s`.
+MCP path ends an entry; an idle one is forgotten after `session_idle_timeout_s`. A session whose requests
+reach several replicas is counted on each, and ended only on the one its DELETE reaches; the others forget it
+when it idles out (each replica's count is its own view of load, as its streams are).
 
 New sessions use bounded loads (Mirrokni et al., "Consistent Hashing with Bounded Loads"): a backend takes a new
 session only while its load (streams + sessions, per unit of weight) is under (1 + epsilon) x the weighted
