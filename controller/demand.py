@@ -200,6 +200,16 @@ class SignalsReading:
     """Replicas asked."""
 
 
+def signals_session(*, timeout_s: float, ca_file: Path | None = None) -> aiohttp.ClientSession:
+    """The HTTP session that reads balancer signals; `ca_file` verifies their admin certificates (https)."""
+    ssl_ctx: ssl.SSLContext | bool = True
+    if ca_file is not None:
+        ssl_ctx = ssl.create_default_context(cafile=str(ca_file))
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout_s), connector=aiohttp.TCPConnector(ssl=ssl_ctx)
+    )
+
+
 async def fetch_signals(
     session: aiohttp.ClientSession,
     replicas: Sequence[str],
@@ -520,12 +530,8 @@ class Demands:
                 except Exception as exc:  # a lookup failure is missing data, not a crash
                     lookup_error = f"balancer Service {namespace}/{bal.service}: endpoints unavailable: {exc}"
         if self._session is None:
-            ssl_ctx: ssl.SSLContext | bool = True
-            if self.signals_ca_file is not None:
-                ssl_ctx = ssl.create_default_context(cafile=str(self.signals_ca_file))
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.signals_timeout_s * 2),
-                connector=aiohttp.TCPConnector(ssl=ssl_ctx),
+            self._session = signals_session(
+                timeout_s=self.signals_timeout_s * 2, ca_file=self.signals_ca_file
             )
         reading = await pd.read(
             now,
