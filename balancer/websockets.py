@@ -86,9 +86,9 @@ async def relay(request: web.Request, bal: Balancer) -> web.StreamResponse:
             try:
                 done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
                 for pump in done:
-                    exc = None if pump.cancelled() else pump.exception()
-                    if isinstance(exc, MessageTooBig):
-                        other = upstream if exc.by_client else server
+                    failure = None if pump.cancelled() else pump.exception()
+                    if isinstance(failure, MessageTooBig):
+                        other = upstream if failure.by_client else server
                         with contextlib.suppress(ConnectionResetError, aiohttp.ClientError):
                             await other.close(
                                 code=WSCloseCode.GOING_AWAY, message=b"peer sent a message too big"
