@@ -161,10 +161,11 @@ class BalancerConfig(_Model):
     headers (slowloris) are cut."""
     keepalive_timeout_s: float = Field(75.0, gt=0)
     """An idle keep-alive client connection is closed after this long (as NGINX's default)."""
-    max_connections: int = Field(10_000, ge=1)
+    max_connections: int = Field(20_000, ge=1)
     """Client connections open at once; more get 503 and are closed (bounds descriptors and memory)."""
-    max_connections_per_ip: int = Field(1_000, ge=1)
-    """Client connections one peer address may hold open at once; more get 503 and are closed."""
+    max_connections_per_ip: int = Field(5_000, ge=1)
+    """Client connections one peer address may hold open at once; more get 503 and are closed. Behind an
+    ingress or gateway every client shares its address: size this for the busiest peer, not for one user."""
     body_timeout_s: float = Field(60.0, gt=0)
     """Deadline for a whole request body, measured while the balancer reads it; slower uploads get 408 and the
     backend is not blamed (a slow upload must not hold a lease and charge a backend with timeouts)."""
