@@ -259,3 +259,35 @@ async def test_idle_backend_mid_stream_is_cut_after_the_idle_timeout() -> None:
     finally:
         hang.set()
         await runner.cleanup()
+
+
+async def test_a_retry_waits_in_the_admission_queue_for_a_full_backend() -> None:
+    """Retries go through the same placement as first attempts: when the only other backend is at its stream
+    cap, the retry queues for its first free slot (it used to give up with 502 at once)."""
+    refusing = await _closed_port()
+    fake = clock_mod.FakeClock()
+    paced = {"slots": 4, "ttft_s": 0.0, "seconds_per_token": 1.0}
+    async with (
+        emulators(paced, clock=fake) as addrs,
+        balancer([refusing, *addrs], max_streams_per_backend=1, admission_wait_s=30.0) as lb,
+        aiohttp.ClientSession() as http,
+    ):
+        lb.bal.pool.backends[refusing].draining = True
+        parked = await http.post(f"{lb.url}/v1/completions", json=completion_body(tokens=2))
+        await parked.content.readline()
+        lb.bal.pool.backends[refusing].draining = False
+        retried = asyncio.create_task(http.post(f"{lb.url}/v1/completions", json=completion_body(tokens=1)))
+        await wait_until(lambda: len(lb.bal.admission) == 1, what="the retry waits in the admission queue")
+        assert lb.bal.pool.backends[refusing].failed == {"connect": 1}
+        for _ in range(5):  # the parked stream finishes and frees the slot
+            fake.advance(1.0)
+            await asyncio.sleep(0.01)
+        assert (await read_sse(parked))[-1] == "[DONE]"
+        parked.close()
+        resp = await retried
+        for _ in range(5):
+            fake.advance(1.0)
+            await asyncio.sleep(0.01)
+        assert resp.status == 200 and (await read_sse(resp))[-1] == "[DONE]"
+        resp.close()
+        await wait_until(lambda: lb.active() == 0, what="leases released")

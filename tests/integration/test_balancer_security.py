@@ -320,3 +320,21 @@ async def test_quiet_mcp_notification_stream_ended_by_the_idle_timeout_is_not_th
             assert (await resp.content.read()) == b"\n"  # ended cleanly, no error event
         await wait_until(lambda: lb.active() == 0, what="lease released")
         assert backend.failed == {"idle_notifications": 1} and backend.consecutive_failures == 0
+
+
+async def test_only_the_mcp_paths_404_ends_a_session() -> None:
+    """Low: any backend 404 on any path ended an MCP session."""
+
+    async def not_found(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"error": "no such thing"}, status=404)
+
+    async with _backend(not_found) as address, balancer([address]) as lb, aiohttp.ClientSession() as http:
+        sealed = lb.bal.seal.seal(address, "backend-session")
+        lb.bal.sessions.bind(sealed, lb.bal.pool.backends[address], client="127.0.0.1")
+        async with http.get(f"{lb.url}/v1/models/missing", headers={"Mcp-Session-Id": sealed}) as resp:
+            assert resp.status == 404
+        assert len(lb.bal.sessions) == 1  # a 404 elsewhere says nothing about the session
+        async with http.post(f"{lb.url}/mcp", json={}, headers={"Mcp-Session-Id": sealed}) as resp:
+            assert resp.status == 404
+        assert len(lb.bal.sessions) == 0  # the MCP endpoint's 404 means "session expired"
