@@ -240,10 +240,16 @@ class _Attempts:
                 bal.outliers.failure(backend, "status_503")
                 self.failure = (502, "the backends were unavailable")
                 return None
-            out_headers = inbound.backward_headers(upstream.headers)
-            self._sessions(backend, upstream.status, upstream.headers.get(SESSION_HEADER), out_headers)
+            try:
+                out_headers = inbound.backward_headers(upstream.headers)
+                self._sessions(backend, upstream.status, upstream.headers.get(SESSION_HEADER), out_headers)
+            except BaseException:
+                upstream.close()
+                raise
             relaying = True
-            return await _relay(request, bal, lease, upstream, out_headers, start_s=start_s, plan=self.plan)
+            return await _relay(
+                request, bal, lease, upstream, headers=out_headers, start_s=start_s, plan=self.plan
+            )
         except asyncio.CancelledError:  # the client left (aiohttp cancelled us) or the server is stopping
             backend.count_failure("client_stalled" if lease.client_stalled else "cancelled")
             raise
@@ -332,8 +338,8 @@ async def _relay(
     bal: Balancer,
     lease: Lease,
     upstream: aiohttp.ClientResponse,
-    headers: CIMultiDict[str],
     *,
+    headers: CIMultiDict[str],
     start_s: float,
     plan: _Plan,
 ) -> web.StreamResponse:
