@@ -70,6 +70,36 @@ def test_errors_hidden_in_200s_are_found(
     assert health.response_error(first, last or first, content_type=content_type) == reason
 
 
+TOOL_FAILED = b'{"jsonrpc": "2.0", "id": 1, "result": {"content": [], "isError": true}}'
+INTERNAL = b'{"jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "boom"}}'
+BAD_PARAMS = b'{"jsonrpc": "2.0", "id": 1, "error": {"code": -32602, "message": "bad"}}'
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "mcp", "in_session", "verdict"),
+    [
+        (200, TOOL_FAILED, True, True, ("client_error", False)),
+        (200, TOOL_FAILED, True, False, ("client_error", False)),
+        (200, INTERNAL, True, True, ("client_error", False)),  # inside the client's own session
+        (200, INTERNAL, True, False, ("jsonrpc_error", True)),  # stateless: a sick backend
+        (200, BAD_PARAMS, True, False, ("client_error", False)),
+        (200, INTERNAL, False, False, ("jsonrpc_error", True)),  # not MCP: as before
+        (404, b"{}", True, True, ("client_error", False)),
+        (429, b"{}", False, False, ("client_error", False)),
+        (502, b"{}", True, True, ("status_502", True)),
+        (200, b'{"jsonrpc": "2.0", "id": 1, "result": {}}', True, False, None),
+    ],
+)
+def test_blame_separates_client_caused_errors_from_backend_faults(
+    status: int, body: bytes, mcp: bool, in_session: bool, verdict: tuple[str, bool] | None
+) -> None:
+    """H1: a client's failing tool calls in its own session must never eject the backend."""
+    got = health.blame(
+        body, body, status=status, content_type="application/json", mcp=mcp, in_session=in_session
+    )
+    assert got == verdict
+
+
 def test_ejection_grows_and_never_takes_more_than_the_allowed_fraction() -> None:
     fake = clock_mod.FakeClock()
     bal = _balancer(2, clock=fake, consecutive_failures=2, base_ejection_s=5.0, max_ejection_s=12.0)
