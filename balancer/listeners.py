@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError
@@ -97,9 +97,9 @@ class _GuardedHandler(web_protocol.RequestHandler):
         peer = str(peername[0]) if isinstance(peername, tuple) and peername else ""
         if not self.guard.admit(peer):
             self.refused = True
-            assert isinstance(transport, asyncio.Transport)
-            transport.write(OVER_CAPACITY)
-            transport.close()
+            writable = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio subclasses
+            writable.write(OVER_CAPACITY)
+            writable.close()
             return
         self.peer = peer
         super().connection_made(transport)
@@ -141,7 +141,6 @@ class _GuardedHandler(web_protocol.RequestHandler):
         transport = self.transport
         if transport is None or transport.is_closing() or self._current_request is not None or self._messages:
             return
-        assert isinstance(transport, asyncio.Transport)
         if self.head_partial or self._request_count == 0:
             transport.write(HEADER_TIMEOUT)
         transport.close()
