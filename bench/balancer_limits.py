@@ -33,6 +33,8 @@ from aiohttp import web
 
 from bench import _proxies, _record
 
+COMMAND = ".venv/bin/python -m bench.balancer_limits"
+"""Recorded with the figures (in a worktree without its own .venv: PYTHONPATH=$PWD and the shared venv)."""
 SETTLE_S = 1.0
 """Pause before reading the process figures, so the step's effects have landed."""
 
@@ -166,8 +168,10 @@ def main(argv: list[str] | None = None) -> int:
         _record.record(
             "balancer-limits",
             "Balancer limits: what one abusive client can make it hold",
-            table + "\n\nPeak RSS growth is VmHWM after the message minus VmRSS before it; descriptors are the "
+            table
+            + "\n\nPeak RSS growth is VmHWM after the message minus VmRSS before it; descriptors are the "
             "balancer's open fds above its idle level.",
+            command=COMMAND,
         )
     return 0
 
