@@ -13,7 +13,9 @@ which is why aiohttp is pinned by minor version in tests, not in production) add
 - keep-alive idle closing (`keepalive_timeout_s`, aiohttp's own, passed through).
 
 Malformed requests (bad request line, bad header bytes) are answered 400 by aiohttp; it logged each with a
-traceback, which lets any client fill the log. They are logged here as one line at INFO, redacted.
+traceback, which lets any client fill the log, and its answer echoed the offending request line (a Cookie
+or Authorization line among them). They are logged here as one line at INFO, redacted, and answered with a
+generic JSON body.
 
 What this module does not do: anything per request once its headers are in (proxy.py).
 """
@@ -21,10 +23,12 @@ What this module does not do: anything per request once its headers are in (prox
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any, cast
 
 from aiohttp import web, web_protocol
+from aiohttp.web_request import BaseRequest
 from aiohttp.http_exceptions import HttpProcessingError
 
 from balancer import responses
@@ -125,6 +129,22 @@ class _GuardedHandler(web_protocol.RequestHandler):
             self._arm_head_timer(
                 partial=True
             )  # bytes of a new request's head, outside any request's handling
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse, with a generic JSON body: its own echoes the
+        offending request bytes (a Cookie or Authorization line among them) back."""
+        resp = super().handle_error(request, status, exc, message)
+        if isinstance(resp, web.Response):
+            text = "malformed request" if isinstance(exc, HttpProcessingError) else "internal error"
+            resp.content_type = "application/json"
+            resp.text = json.dumps({"error": {"code": resp.status, "message": text, "type": "balancer_error"}})
+        return resp
 
     def _arm_head_timer(self, *, partial: bool) -> None:
         self._cancel_head_timer()

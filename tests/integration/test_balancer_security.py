@@ -272,8 +272,16 @@ async def test_invalid_header_bytes_get_400_and_malformed_requests_log_no_traceb
         assert _status(await _raw(lb, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n")) == 400
         assert _status(await _raw(lb, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")) == 400
         assert _status(await _raw(lb, b"\x16\x03\x01garbage\r\n\r\n")) == 400
+        cookie = await _raw(
+            lb, b"GET /v1/models HTTP/1.1\r\nCookie: sid=" + SECRET.encode() + b"\x01\r\n\r\n", read_all=True
+        )
+        assert (
+            _status(cookie) == 400 and SECRET.encode() not in cookie
+        )  # aiohttp's own answer echoed the line
+        assert b'"message": "malformed request"' in cookie
         assert lb.bal.pool.backends[address].started == 0
     assert not [r for r in caplog.records if r.exc_info], "a malformed request logged a traceback"
+    assert SECRET not in "\n".join(r.getMessage() for r in caplog.records)
 
 
 async def test_nan_and_infinite_admin_weights_are_refused(tmp_path: Path) -> None:
