@@ -28,8 +28,8 @@ import logging
 from typing import Any, cast
 
 from aiohttp import web, web_protocol
-from aiohttp.web_request import BaseRequest
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_request import BaseRequest
 
 from balancer import responses
 from balancer.config import BalancerConfig
