@@ -143,7 +143,9 @@ class _GuardedHandler(web_protocol.RequestHandler):
         if isinstance(resp, web.Response):
             text = "malformed request" if isinstance(exc, HttpProcessingError) else "internal error"
             resp.content_type = "application/json"
-            resp.text = json.dumps({"error": {"code": resp.status, "message": text, "type": "balancer_error"}})
+            resp.text = json.dumps(
+                {"error": {"code": resp.status, "message": text, "type": "balancer_error"}}
+            )
         return resp
 
     def _arm_head_timer(self, *, partial: bool) -> None:
