@@ -151,7 +151,7 @@ class Lease:
         "_pool",
         "backend",
         "client",
-        "client_buffered",
+        "client_delivered",
         "client_seen_s",
         "client_stalled",
         "idle_timed_out",
@@ -174,7 +174,7 @@ class Lease:
         self.idle_timed_out = False
         self.client: _ClientTransport | None = None
         """The client's connection, once the response head goes out (watched for a stalled reader)."""
-        self.client_buffered = 0
+        self.client_delivered = 0
         self.client_seen_s = started_s
         self.client_stalled = False
 
@@ -210,11 +210,11 @@ class Lease:
         if client is None or self.released or self.client_stalled or client.is_closing():
             return False
         buffered = client.get_write_buffer_size()
-        if buffered == 0 or buffered < self.client_buffered:
-            self.client_buffered = buffered
+        delivered = self.delivered_bytes(buffered)
+        if buffered == 0 or delivered > self.client_delivered:
+            self.client_delivered = delivered
             self.client_seen_s = now_s
             return False
-        self.client_buffered = buffered
         if now_s - self.client_seen_s < limit_s:
             return False
         self.client_stalled = True
@@ -222,6 +222,16 @@ class Lease:
         if self.stream is not None:
             self.stream.close()
         return True
+
+    def delivered_bytes(self, buffered: int) -> int:
+        """Bytes the client has taken so far: relayed minus what still waits in our buffer to it.
+
+        A reader that keeps up slowly while the backend refills the buffer shows progress here even when the
+        buffer's size does not shrink between two sweeps. (Framing bytes in the buffer make this a slight
+        underestimate; it only has to grow when the client reads.)
+        """
+        relayed = self.stream.content.total_bytes if self.stream is not None else 0
+        return relayed - buffered
 
     def release(self) -> None:
         """End the stream's load; idempotent."""

@@ -15,6 +15,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -92,14 +93,66 @@ async def test_stalled_reader_is_cut_by_the_write_deadline_releases_its_lease_an
             return lease is not None and lease.client is not None and lease.client.get_write_buffer_size() > 0
 
         await wait_until(backed_up, what="the balancer's buffer to the client filled up")
-        fake.advance(15.0)  # past the idle limit: the backend is blocked by us, not idle
-        lb.bal.sweep_idle()
-        assert lb.active() == 1 and backend.failed == {}
-        fake.advance(20.0)  # 35 s of no reading > write_timeout_s
-        lb.bal.sweep_idle()
+        lease = next(iter(backend.leases))
+        cut_after_s = 0.0
+        while not lease.client_stalled and cut_after_s < 100.0:
+            lb.bal.sweep_idle()  # past the 10 s idle limit too: the backend is blocked by us, not idle
+            fake.advance(10.0)
+            cut_after_s += 10.0
+        assert lease.client_stalled and 30.0 <= cut_after_s <= 50.0  # the deadline, within a sweep or two
         await wait_until(lambda: lb.active() == 0, what="the stalled reader's lease was released")
         assert backend.failed == {"client_stalled": 1}
         assert backend.consecutive_failures == 0 and backend.state(fake.monotonic()) == "ready"
+        writer.close()
+
+
+async def test_a_slow_reader_that_keeps_reading_is_not_cut() -> None:
+    """The write deadline measures what the client takes, not the buffer's size: the backend refills the buffer
+    as fast as a slow client drains it, so its size alone would look like a stall."""
+
+    async def firehose(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            while True:
+                await resp.write(b"data: " + b"x" * 65536 + b"\n\n")
+        return resp
+
+    fake = clock_mod.FakeClock()
+    async with (
+        _backend(firehose) as address,
+        balancer([address], clock=fake, write_timeout_s=30.0, idle_timeout_s=10.0) as lb,
+    ):
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", lb.served.port))
+        reader, writer = await asyncio.open_connection(sock=sock, limit=1024 * 1024)
+        writer.write(b"GET /v1/stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        backend = lb.bal.pool.backends[address]
+
+        def lease() -> Any:
+            return next(iter(backend.leases), None)
+
+        await wait_until(
+            lambda: (
+                lease() is not None
+                and lease().client is not None
+                and lease().client.get_write_buffer_size() > 0
+            ),
+            what="the buffer to the client filled up",
+        )
+        for _ in range(6):  # 60 s in all, twice the write deadline, reading a little every 10 s
+            taken = lease().delivered_bytes(lease().client.get_write_buffer_size())
+            await reader.readexactly(256 * 1024)
+            await wait_until(
+                lambda taken=taken: lease().delivered_bytes(lease().client.get_write_buffer_size()) > taken,
+                what="the balancer saw the client take bytes",
+            )
+            fake.advance(10.0)
+            lb.bal.sweep_idle()
+            assert lb.active() == 1, "a client that keeps reading was cut"
+        assert backend.failed == {}
         writer.close()
 
 
