@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from balancer import picking
 from balancer.config import BackendSpec, BalancerConfig
@@ -124,10 +124,12 @@ class Backend:
         self.failed[reason] = self.failed.get(reason, 0) + 1
 
 
-class _ClientTransport(Protocol):
-    """What a lease needs of the client's connection (asyncio's Transport fits)."""
+class ClientTransport(Protocol):
+    """What a lease needs of the client's connection (asyncio's and uvloop's transports fit)."""
 
     def get_write_buffer_size(self) -> int: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
 
     def is_closing(self) -> bool: ...
 
@@ -172,13 +174,13 @@ class Lease:
         self.seen_bytes = 0
         self.seen_s = started_s
         self.idle_timed_out = False
-        self.client: _ClientTransport | None = None
+        self.client: ClientTransport | None = None
         """The client's connection, once the response head goes out (watched for a stalled reader)."""
         self.client_delivered = 0
         self.client_seen_s = started_s
         self.client_stalled = False
 
-    def watch(self, stream: Relayed, now_s: float, *, client: _ClientTransport | None = None) -> None:
+    def watch(self, stream: Relayed, now_s: float, *, client: ClientTransport | None = None) -> None:
         """Start idle tracking of the relayed response (after its first byte) and of the client's reading."""
         self.stream = stream
         self.seen_bytes = stream.content.total_bytes
@@ -204,14 +206,18 @@ class Lease:
         stream.close()  # the relay's pending read fails and it ends the stream as a timeout
         return True
 
-    def check_client(self, now_s: float, *, limit_s: float) -> bool:
-        """Cut a client whose socket stayed backed up (it read nothing) for `limit_s`; True when it did."""
+    def check_client(self, now_s: float, *, limit_s: float, queued_bytes: int) -> bool:
+        """Cut a client that took no byte for `limit_s` while bytes waited for it; True when it did.
+
+        Args:
+            queued_bytes: bytes written for the client that it has not taken yet (our buffer plus the
+                kernel's unacknowledged send queue; see `runtime.queued_to_client`), 0 when nothing waits.
+        """
         client = self.client
         if client is None or self.released or self.client_stalled or client.is_closing():
             return False
-        buffered = client.get_write_buffer_size()
-        delivered = self.delivered_bytes(buffered)
-        if buffered == 0 or delivered > self.client_delivered:
+        delivered = self.delivered_bytes(queued_bytes)
+        if queued_bytes == 0 or delivered > self.client_delivered:
             self.client_delivered = delivered
             self.client_seen_s = now_s
             return False
@@ -223,15 +229,15 @@ class Lease:
             self.stream.close()
         return True
 
-    def delivered_bytes(self, buffered: int) -> int:
-        """Bytes the client has taken so far: relayed minus what still waits in our buffer to it.
+    def delivered_bytes(self, queued_bytes: int) -> int:
+        """Bytes the client has taken so far: relayed minus what still waits for it.
 
-        A reader that keeps up slowly while the backend refills the buffer shows progress here even when the
-        buffer's size does not shrink between two sweeps. (Framing bytes in the buffer make this a slight
-        underestimate; it only has to grow when the client reads.)
+        Counting what was taken, not the buffer's size, keeps a slow reader that the backend outpaces from
+        looking stalled: its buffer stays full while bytes keep moving. (Framing and TLS bytes in the queue
+        make this a slight underestimate; it only has to grow when the client reads.)
         """
         relayed = self.stream.content.total_bytes if self.stream is not None else 0
-        return relayed - buffered
+        return relayed - queued_bytes
 
     def release(self) -> None:
         """End the stream's load; idempotent."""

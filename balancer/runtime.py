@@ -13,14 +13,17 @@ What this module does not do: HTTP (proxy.py, websockets.py), discovery or backg
 
 from __future__ import annotations
 
+import fcntl
 import random
 import ssl
+import struct
+import termios
 from dataclasses import dataclass
 
 import aiohttp
 
 from balancer import admission, health, picking, sessions, warmup
-from balancer.backends import Backend, Lease, Pool
+from balancer.backends import Backend, ClientTransport, Lease, Pool
 from balancer.config import BalancerConfig
 from contract import clock as clock_mod
 
@@ -89,7 +92,9 @@ class Balancer:
         aborted = 0
         for backend in list(self.pool.backends.values()):
             for lease in list(backend.leases):
-                if lease.check_client(now, limit_s=write_s) or lease.check_idle(now, limit_s=idle_s):
+                queued = queued_to_client(lease.client) if lease.client is not None else 0
+                stalled = lease.check_client(now, limit_s=write_s, queued_bytes=queued)
+                if stalled or lease.check_idle(now, limit_s=idle_s):
                     aborted += 1
         return aborted
 
@@ -182,6 +187,26 @@ class Balancer:
             return None if backend is None else self.pool.lease(backend)
 
         return await self.admission.admit(attempt)
+
+
+def queued_to_client(transport: ClientTransport) -> int:
+    """Bytes written for a client that it has not taken: the transport's buffer plus, when that is not empty,
+    the kernel's unacknowledged send queue (TIOCOUTQ). 0 while our buffer is empty (nothing is backed up).
+
+    The kernel queue matters because it is large (megabytes, autotuned): a client that reads slowly drains it
+    long before our own buffer shrinks, and only this sum shows that it is reading.
+    """
+    buffered = transport.get_write_buffer_size()
+    if buffered == 0:
+        return 0
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return buffered
+    try:
+        unsent = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except (OSError, ValueError):
+        unsent = 0
+    return buffered + int(unsent)
 
 
 @dataclass(frozen=True)
