@@ -11,14 +11,17 @@ Modules, from the bottom up:
     config.py       BalancerConfig and the backends-file schema (flags / env / file), errors.py
     backends.py     the backend table and stream leases
     health.py       outlier ejection, retry budget, errors hidden in 200s
-    drain.py        slow start and the bounded admission queue
-    sessions.py     MCP session stickiness, bounded loads, consistent hashing
+    warmup.py       slow start of joining backends; admission.py the bounded admission queue
+    sessions.py     sealed MCP sessions (shared key, no shared table), bounded loads, consistent hashing
     runtime.py      the Balancer object tying those together, and placement
-    proxy.py        the HTTP relay (SSE/chunked/JSON); websockets.py the WebSocket relay
+    inbound.py      what the client listener accepts and forwards (routes, methods, header bytes, hygiene)
+    responses.py    the balancer's own answers (generic JSON errors) and log redaction
+    proxy.py        the HTTP relay and its attempt state machine; websockets.py the WebSocket relay
     discovery.py    static backends file; endpointslices.py Kubernetes EndpointSlices over plain REST
     scraping.py     backend-reported queues from vLLM /metrics
     reporting.py    hotspots and the /signals document (schema in signals.py); metrics.py Prometheus
-    app.py          the proxy and admin aiohttp apps, background tasks, listeners (TLS)
+    listeners.py    client connection caps, header deadline, keep-alive, quiet malformed-request logs
+    app.py          the proxy and admin aiohttp apps, background tasks, listeners (TLS, admin TLS)
     cli.py          `forestall balancer`
     inferencepools.py  discovery from a GIE InferencePool and its pods
     extproc.py      the gateway endpoint picker: GIE Endpoint Picker Protocol over Envoy ext_proc (gRPC)

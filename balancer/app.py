@@ -2,8 +2,11 @@
 
 `create_apps(config)` builds both aiohttp applications around one `runtime.Balancer`; `create_app(config)` is
 the proxy app alone (the admin app hangs off it under `ADMIN_APP`), which the tests and the demo rely on. `serve()`
-starts both listeners (TLS when configured; mutual TLS when a client CA is given), with aiohttp's handler
-cancellation on, so a client that disconnects while we wait on a backend releases its lease at once.
+starts both listeners, each with its own TLS settings (tls_* for clients, admin_tls_* for the admin listener,
+so turning on client TLS does not lock the controller and the probes out of /signals; mutual TLS when a
+client CA is given), with aiohttp's handler cancellation on, so a client that disconnects while we wait on a
+backend releases its lease at once. The client listener runs under listeners.GuardedRunner (connection caps,
+header deadline, keep-alive timeout).
 
 Admin listener, on its own port so it can stay off the public Service:
     GET  /signals  /metrics  /healthz  /readyz        (read-only, no token)
@@ -26,9 +29,11 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import math
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
@@ -36,7 +41,17 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from balancer import config as config_mod
-from balancer import discovery, endpointslices, inferencepools, metrics, proxy, reporting, scraping
+from balancer import (
+    discovery,
+    endpointslices,
+    inferencepools,
+    listeners,
+    metrics,
+    proxy,
+    reporting,
+    responses,
+    scraping,
+)
 from balancer.errors import ConfigError
 from balancer.runtime import Balancer
 from contract import clock as clock_mod
@@ -129,10 +144,11 @@ async def serve(
     """
     app, admin = apps or create_apps(config, clock=clock)
     server_ssl = server_ssl_context(config)
+    admin_ssl = admin_ssl_context(config)
     runners: list[web.AppRunner] = []
     try:
-        runner = web.AppRunner(
-            app, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_grace_s
+        runner = listeners.GuardedRunner(
+            app, config=config, handler_cancellation=True, access_log=None, shutdown_timeout=shutdown_grace_s
         )
         await runner.setup()
         runners.append(runner)
@@ -146,7 +162,7 @@ async def serve(
             await admin_runner.setup()
             runners.append(admin_runner)
             ahost, aport = config_mod.parse_host_port(config.admin_listen)
-            await web.TCPSite(admin_runner, ahost, aport, ssl_context=server_ssl).start()
+            await web.TCPSite(admin_runner, ahost, aport, ssl_context=admin_ssl).start()
             admin_port = _bound_port(admin_runner)
     except BaseException:
         for r in reversed(runners):
@@ -156,19 +172,30 @@ async def serve(
 
 
 def server_ssl_context(config: config_mod.BalancerConfig) -> ssl.SSLContext | None:
-    """TLS for the listeners from the cert files; requires client certificates when a client CA is set."""
-    if config.tls_cert is None:
+    """TLS for the client listener from the cert files; requires client certificates when a client CA is set."""
+    return _ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca, prefix="tls")
+
+
+def admin_ssl_context(config: config_mod.BalancerConfig) -> ssl.SSLContext | None:
+    """TLS for the admin listener: its own settings (admin_tls_*), so client TLS leaves /signals readable."""
+    return _ssl_context(
+        config.admin_tls_cert, config.admin_tls_key, config.admin_tls_client_ca, prefix="admin_tls"
+    )
+
+
+def _ssl_context(
+    cert: Path | None, key: Path | None, client_ca: Path | None, *, prefix: str
+) -> ssl.SSLContext | None:
+    if cert is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(str(config.tls_cert), str(config.tls_key))
-        if config.tls_client_ca is not None:
-            context.load_verify_locations(cafile=str(config.tls_client_ca))
+        context.load_cert_chain(str(cert), str(key))
+        if client_ca is not None:
+            context.load_verify_locations(cafile=str(client_ca))
             context.verify_mode = ssl.CERT_REQUIRED
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(
-            f"cannot load TLS files (tls_cert={config.tls_cert}, tls_key={config.tls_key}): {exc}"
-        ) from exc
+        raise ConfigError(f"cannot load TLS files ({prefix}_cert={cert}, {prefix}_key={key}): {exc}") from exc
     return context
 
 
@@ -262,29 +289,34 @@ async def _admin(request: web.Request) -> web.Response:
     action = request.path.rsplit("/", 1)[-1]
     if action == "reload":
         if FILE_SOURCE not in request.app:
-            return proxy.error_response(409, "no backends file is configured (--backends-file)")
+            return responses.error_response(409, "no backends file is configured (--backends-file)")
         try:
             request.app[FILE_SOURCE].load()
         except ConfigError as exc:
-            return proxy.error_response(400, str(exc))
+            return responses.error_response(400, str(exc))
         return web.json_response({"reloaded": True, "backends": len(bal.pool.present())})
     try:
         body = await request.json()
     except ValueError:
-        return proxy.error_response(
+        return responses.error_response(
             400, 'the body must be a JSON object such as {"address": "10.0.0.7:8000"}'
         )
     if not isinstance(body, dict):
-        return proxy.error_response(400, "the body must be a JSON object")
+        return responses.error_response(400, "the body must be a JSON object")
     address, pod = body.get("address"), body.get("pod")
     matches = [b for b in bal.pool.present() if (address and b.address == address) or (pod and b.pod == pod)]
     if not matches:
-        return proxy.error_response(404, f"no backend with address={address!r} or pod={pod!r}")
+        return responses.error_response(404, f"no backend with address={address!r} or pod={pod!r}")
     now = bal.clock.monotonic()
     if action == "weights":
         weight = body.get("weight")
-        if not isinstance(weight, int | float) or isinstance(weight, bool) or weight <= 0:
-            return proxy.error_response(400, f"weight must be a number > 0, got {weight!r}")
+        if (
+            not isinstance(weight, int | float)
+            or isinstance(weight, bool)
+            or not math.isfinite(weight)
+            or weight <= 0
+        ):
+            return responses.error_response(400, f"weight must be a finite number > 0, got {weight!r}")
         for b in matches:
             b.weight = float(weight)
     else:
@@ -297,14 +329,14 @@ async def _admin(request: web.Request) -> web.Response:
 def _check_token(request: web.Request, bal: Balancer) -> web.Response | None:
     path = bal.config.admin_token_file
     if path is None:
-        return proxy.error_response(403, "admin changes are disabled: start with --admin-token-file")
+        return responses.error_response(403, "admin changes are disabled: start with --admin-token-file")
     try:
         token = path.read_text().strip()
     except OSError as exc:
-        return proxy.error_response(503, f"cannot read the admin token file: {exc.strerror}")
+        return responses.error_response(503, f"cannot read the admin token file: {exc.strerror}")
     given = request.headers.get("Authorization", "")
     if not token or not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        return proxy.error_response(
+        return responses.error_response(
             401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"}
         )
     return None

@@ -3,18 +3,17 @@
 A stream's load is a `Lease`, taken when the stream is placed and released in `finally` when it ends however
 it ends (finished, client gone, backend gone, cancelled), so "least loaded" means fewest open streams, not
 fewest open requests: a balancer that counts a stream only until its headers arrive piles new streams onto
-pods that are still decoding. Releasing twice is harmless, so a lease can be released early on a known failure
-and again by the `finally`.
+pods that are still decoding. Releasing twice is harmless, but each attempt (proxy.py) releases exactly once.
 
 Backends come from sources (the static file, each EndpointSlice watch, inline config); `sync()` replaces one
 source's set. A backend that leaves its source stops getting new streams at once but keeps its object while
 leases are open, so its in-flight streams finish and are counted (a terminating pod is drained, not cut); when
-the last lease ends it is forgotten. A backend that joins after startup warms up (drain.py ramps its weight).
+the last lease ends it is forgotten. A backend that joins after startup warms up (warmup.py ramps its weight).
 
 The counters here (`started`, `completed`, `failed`, `relayed_bytes`, the TTFB histogram) are plain ints read by
 the metrics collector at scrape time, so a stream costs a few integer additions and no metric-object calls.
 
-What this module does not do: choose (picking.py), eject (health.py), ramp or queue (drain.py), or any I/O.
+What this module does not do: choose (picking.py), eject (health.py), ramp (warmup.py) or queue (admission.py), or any I/O.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from balancer import capacity, picking
 from balancer.config import BackendSpec, BalancerConfig
@@ -126,12 +125,38 @@ class Backend:
         self.failed[reason] = self.failed.get(reason, 0) + 1
 
 
+class ClientTransport(Protocol):
+    """What a lease needs of the client's connection (asyncio's and uvloop's transports fit)."""
+
+    def get_write_buffer_size(self) -> int: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any: ...
+
+    def is_closing(self) -> bool: ...
+
+    def abort(self) -> None: ...
+
+
 class Lease:
-    """One stream's load on one backend, from pick to end of stream."""
+    """One stream's load on one backend, from pick to end of stream.
+
+    Two deadlines are checked from outside by a periodic sweep (`runtime.Balancer.sweep_idle`), so the
+    per-chunk path carries no timer work:
+    - idle: the backend sent nothing for `idle_timeout_s` (blamed on the backend, or on nobody for a quiet
+      MCP notification stream). Time while the client's socket is backed up does not count: a backend that
+      waits because we cannot deliver is not idle.
+    - write: the client read nothing (our buffer to it stayed full) for `write_timeout_s`. The client is cut,
+      the lease released, and the client blamed; without this a client that stops reading held its lease and
+      its `max_streams` slot until it closed, and the healthy backend was charged an idle timeout.
+    """
 
     __slots__ = (
         "_pool",
         "backend",
+        "client",
+        "client_delivered",
+        "client_seen_s",
+        "client_stalled",
         "idle_timed_out",
         "released",
         "seen_bytes",
@@ -150,20 +175,29 @@ class Lease:
         self.seen_bytes = 0
         self.seen_s = started_s
         self.idle_timed_out = False
+        self.client: ClientTransport | None = None
+        """The client's connection, once the response head goes out (watched for a stalled reader)."""
+        self.client_delivered = 0
+        self.client_seen_s = started_s
+        self.client_stalled = False
 
-    def watch(self, stream: Relayed, now_s: float) -> None:
-        """Start idle tracking of the relayed response (after its first byte)."""
+    def watch(self, stream: Relayed, now_s: float, *, client: ClientTransport | None = None) -> None:
+        """Start idle tracking of the relayed response (after its first byte) and of the client's reading."""
         self.stream = stream
         self.seen_bytes = stream.total_bytes
         self.seen_s = now_s
+        if client is not None:
+            self.client = client
+            self.client_seen_s = now_s
 
     def check_idle(self, now_s: float, *, limit_s: float) -> bool:
         """Abort the stream if its byte count has not moved for `limit_s`; True when it did."""
         stream = self.stream
-        if stream is None or self.released or self.idle_timed_out:
+        if stream is None or self.released or self.idle_timed_out or self.client_stalled:
             return False
         total = stream.total_bytes
-        if total != self.seen_bytes:
+        backed_up = self.client is not None and self.client.get_write_buffer_size() > 0
+        if total != self.seen_bytes or backed_up:
             self.seen_bytes = total
             self.seen_s = now_s
             return False
@@ -172,6 +206,39 @@ class Lease:
         self.idle_timed_out = True
         stream.close()  # the relay's pending read fails and it ends the stream as a timeout
         return True
+
+    def check_client(self, now_s: float, *, limit_s: float, queued_bytes: int) -> bool:
+        """Cut a client that took no byte for `limit_s` while bytes waited for it; True when it did.
+
+        Args:
+            queued_bytes: bytes written for the client that it has not taken yet (our buffer plus the
+                kernel's unacknowledged send queue; see `runtime.queued_to_client`), 0 when nothing waits.
+        """
+        client = self.client
+        if client is None or self.released or self.client_stalled or client.is_closing():
+            return False
+        delivered = self.delivered_bytes(queued_bytes)
+        if queued_bytes == 0 or delivered > self.client_delivered:
+            self.client_delivered = delivered
+            self.client_seen_s = now_s
+            return False
+        if now_s - self.client_seen_s < limit_s:
+            return False
+        self.client_stalled = True
+        client.abort()  # the relay's pending write fails; it sees `client_stalled` and blames the client
+        if self.stream is not None:
+            self.stream.close()
+        return True
+
+    def delivered_bytes(self, queued_bytes: int) -> int:
+        """Bytes the client has taken so far: relayed minus what still waits for it.
+
+        Counting what was taken, not the buffer's size, keeps a slow reader that the backend outpaces from
+        looking stalled: its buffer stays full while bytes keep moving. (Framing and TLS bytes in the queue
+        make this a slight underestimate; it only has to grow when the client reads.)
+        """
+        relayed = self.stream.total_bytes if self.stream is not None else 0
+        return relayed - queued_bytes
 
     def release(self) -> None:
         """End the stream's load; idempotent."""

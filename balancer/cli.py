@@ -2,6 +2,7 @@
 
     forestall balancer --listen 127.0.0.1:8080 --admin-listen 127.0.0.1:8081 --backends-file backends.yaml \
         [--admin-token-file F] [--tls-cert C --tls-key K [--tls-client-ca CA]] [--kube-service NS/NAME ...] \
+        [--admin-tls-cert C --admin-tls-key K [--admin-tls-client-ca CA]] [--session-key-file F] \
         [--config balancer.yaml] [--set FIELD=VALUE ...]
 
 Every setting of `balancer.config.BalancerConfig` can come from the config file, from the environment
@@ -39,6 +40,22 @@ def add_parser(subparsers: Any) -> None:
     p.add_argument("--tls-cert", type=Path, help="PEM certificate for the listeners")
     p.add_argument("--tls-key", type=Path, help="PEM private key for --tls-cert")
     p.add_argument("--tls-client-ca", type=Path, help="CA bundle: require client certificates (mutual TLS)")
+    p.add_argument(
+        "--admin-tls-cert",
+        type=Path,
+        help="PEM certificate for the admin listener (separate from --tls-cert)",
+    )
+    p.add_argument("--admin-tls-key", type=Path, help="PEM private key for --admin-tls-cert")
+    p.add_argument(
+        "--admin-tls-client-ca",
+        type=Path,
+        help="CA bundle: require client certificates on the admin listener",
+    )
+    p.add_argument(
+        "--session-key-file",
+        type=Path,
+        help="key(s) sealing MCP session ids, shared by every replica (base64 of 32 bytes per line)",
+    )
     p.add_argument("--backend-tls", action="store_true", default=None, help="connect to backends with TLS")
     p.add_argument("--backend-ca", type=Path, help="CA bundle verifying backend certificates")
     p.add_argument("--backend-cert", type=Path, help="client certificate for backends (mutual TLS)")
@@ -89,6 +106,10 @@ FLAG_FIELDS = (
     "tls_cert",
     "tls_key",
     "tls_client_ca",
+    "admin_tls_cert",
+    "admin_tls_key",
+    "admin_tls_client_ca",
+    "session_key_file",
     "backend_tls",
     "backend_ca",
     "backend_cert",

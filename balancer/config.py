@@ -46,7 +46,7 @@ class BackendSpec(_Model):
     address: str
     """`host:port` of the inference server."""
 
-    weight: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False)
     """Capacity weight: a weight-2 backend (say an H100 beside an L4) takes twice the streams."""
 
     pod: str | None = None
@@ -107,6 +107,13 @@ class BalancerConfig(_Model):
     tls_client_ca: Path | None = None
     """CA bundle; when set, clients must present a certificate it signed (mutual TLS)."""
 
+    admin_tls_cert: Path | None = None
+    """PEM certificate for the admin listener (with admin_tls_key); None serves it as plain HTTP. Separate from
+    tls_cert so client-facing TLS does not lock out the controller and the probes that read /signals."""
+    admin_tls_key: Path | None = None
+    admin_tls_client_ca: Path | None = None
+    """CA bundle; when set, admin clients (the controller) must present a certificate it signed."""
+
     backend_tls: bool = False
     """Connect to backends with TLS (https/wss)."""
     backend_ca: Path | None = None
@@ -136,6 +143,42 @@ class BalancerConfig(_Model):
     idle_timeout_s: float = Field(300.0, gt=0)
     """Longest silence allowed from a backend between chunks after the first byte; checked by a sweep once a
     second (IDLE_SWEEP_S), so a stream is cut within a second after the limit."""
+
+    routes: list[str] = Field(default_factory=lambda: ["/v1/", "/mcp"])
+    """Path prefixes proxied to backends; anything else gets 404 from the balancer (so a backend's /metrics or
+    admin pages are not public). A prefix ending in `/` matches below it; otherwise the exact path and below."""
+    mcp_path: str = "/mcp"
+    """The MCP Streamable HTTP endpoint: sessions are sealed and a backend 404 ends one only on this path."""
+    session_key_file: Path | None = None
+    """File with the key(s) sealing MCP session ids, one per line (base64 of 32 bytes; the first seals, all
+    open, so keys rotate). Every replica must read the same file (a Secret); None = a random key per process,
+    which only works with one replica."""
+    max_sessions_per_client: int = Field(256, ge=1)
+    """Sessions one client address keeps counted as load; its oldest beyond this are forgotten (still routable,
+    being sealed), so one client cannot grow the table without bound."""
+    max_sessions: int = Field(100_000, ge=1)
+    """Sessions counted in the table at most (memory bound); the oldest beyond are forgotten, still routable."""
+
+    header_timeout_s: float = Field(10.0, gt=0)
+    """Deadline for a request's line and headers from its first byte (or the connection's start): trickled
+    headers (slowloris) are cut."""
+    keepalive_timeout_s: float = Field(75.0, gt=0)
+    """An idle keep-alive client connection is closed after this long (as NGINX's default)."""
+    max_connections: int = Field(20_000, ge=1)
+    """Client connections open at once; more get 503 and are closed (bounds descriptors and memory)."""
+    max_connections_per_ip: int = Field(5_000, ge=1)
+    """Client connections one peer address may hold open at once; more get 503 and are closed. Behind an
+    ingress or gateway every client shares its address: size this for the busiest peer, not for one user."""
+    body_timeout_s: float = Field(60.0, gt=0)
+    """Deadline for a whole request body, measured while the balancer reads it; slower uploads get 408 and the
+    backend is not blamed (a slow upload must not hold a lease and charge a backend with timeouts)."""
+    body_idle_timeout_s: float = Field(10.0, gt=0)
+    """Longest pause between pieces of a request body."""
+    write_timeout_s: float = Field(30.0, gt=0)
+    """A client that reads nothing of its response for this long (its socket buffer stays full) is cut, its
+    lease released, and the client blamed, not the backend."""
+    ws_max_message_bytes: int = Field(4 * 1024 * 1024, ge=1)
+    """Largest WebSocket message relayed either way; bigger ends the socket with 1009 (message too big)."""
 
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=0)
     """Largest request body accepted; larger gets 413 (prompts are KBs, 16 MiB leaves room for images)."""
@@ -223,6 +266,16 @@ class BalancerConfig(_Model):
             )
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if (self.admin_tls_cert is None) != (self.admin_tls_key is None):
+            raise ValueError(
+                f"admin_tls_cert and admin_tls_key go together, got admin_tls_cert={self.admin_tls_cert} "
+                f"and admin_tls_key={self.admin_tls_key}"
+            )
+        if self.admin_tls_client_ca is not None and self.admin_tls_cert is None:
+            raise ValueError("admin_tls_client_ca (mutual TLS) needs admin_tls_cert and admin_tls_key")
+        for route in [*self.routes, self.mcp_path]:
+            if not route.startswith("/"):
+                raise ValueError(f"routes and mcp_path are path prefixes starting with '/', got {route!r}")
         if (self.backend_cert is None) != (self.backend_key is None):
             raise ValueError("backend_cert and backend_key go together; set both or neither")
         if self.base_ejection_s > self.max_ejection_s:

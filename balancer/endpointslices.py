@@ -19,7 +19,10 @@ How an endpoint maps to a backend:
   balancer reads only pods, not nodes, so it needs no node permissions.
 
 Credentials: in-cluster service account (token and CA under /var/run/secrets/kubernetes.io/serviceaccount,
-host from KUBERNETES_SERVICE_HOST/PORT) unless kube_api_url / kube_token_file / kube_ca_file are given.
+host from KUBERNETES_SERVICE_HOST/PORT) unless kube_api_url / kube_token_file / kube_ca_file are given. The
+token file is read again for every list and watch: projected service-account tokens rotate (the kubelet
+rewrites the file well before the hour is up), and a token read once at startup expires under a long-running
+watch. A list or watch happens every few minutes at most, so reading a small file each time costs nothing.
 
 What this module does not do: write anything to the API (the controller annotates; we only read).
 """
@@ -73,14 +76,16 @@ class EndpointSliceWatch:
         self.slices: dict[str, dict[str, Any]] = {}
         self.pods: dict[str, dict[str, Any]] = {}
         self.synced = False
+        self.token_file: Path | None = None
 
     async def run(self) -> None:
         """List pods, then slices (so the first sync knows pod start times), then watch both until cancelled."""
         config = self.bal.config
-        base, headers, ssl_ctx = _credentials(
+        base, self.token_file, ssl_ctx = _credentials(
             config.kube_api_url, config.kube_token_file, config.kube_ca_file
         )
         connector = aiohttp.TCPConnector(ssl=ssl_ctx)
+        headers = {"Accept": "application/json"}
         async with aiohttp.ClientSession(base_url=base, headers=headers, connector=connector) as session:
             versions = {}
             for kind in ("pods", "slices"):
@@ -98,7 +103,8 @@ class EndpointSliceWatch:
                 if version is None:
                     version = await self._list(session, kind, path, params)
                     backoff_s = RELIST_BACKOFF_S[0]
-                async for event in _watch(session, path, {**params, "resourceVersion": version}):
+                query = {**params, "resourceVersion": version}
+                async for event in _watch(session, path, query, headers=self._auth()):
                     version = _event_version(event) or version
                     self._apply(kind, event)
             except (aiohttp.ClientError, KubeError, TimeoutError, ValueError) as exc:
@@ -114,6 +120,17 @@ class EndpointSliceWatch:
                 backoff_s = min(backoff_s * 2, RELIST_BACKOFF_S[1])
                 version = None
 
+    def _auth(self) -> dict[str, str]:
+        """The Authorization header from the token file as it is now (it rotates)."""
+        if self.token_file is None:
+            return {}
+        try:
+            return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
+        except OSError as exc:
+            raise KubeError(
+                f"cannot read the token file {self.token_file}: {exc.strerror}", status=401
+            ) from exc
+
     def _query(self, kind: str) -> tuple[str, dict[str, str]]:
         if kind == "slices":
             path = f"/apis/discovery.k8s.io/v1/namespaces/{self.namespace}/endpointslices"
@@ -123,7 +140,7 @@ class EndpointSliceWatch:
     async def _list(
         self, session: aiohttp.ClientSession, kind: str, path: str, params: dict[str, str]
     ) -> str:
-        async with session.get(path, params=params) as resp:
+        async with session.get(path, params=params, headers=self._auth()) as resp:
             if resp.status != 200:
                 raise KubeError(
                     f"list {path}: HTTP {resp.status}: {(await resp.text())[:200]}", status=resp.status
@@ -190,12 +207,11 @@ class EndpointSliceWatch:
 
 
 async def _watch(
-    session: aiohttp.ClientSession, path: str, params: dict[str, str]
+    session: aiohttp.ClientSession, path: str, params: dict[str, str], *, headers: dict[str, str]
 ) -> AsyncIterator[dict[str, Any]]:
     query = {**params, "watch": "true", "allowWatchBookmarks": "true", "timeoutSeconds": str(WATCH_TIMEOUT_S)}
-    async with session.get(
-        path, params=query, timeout=aiohttp.ClientTimeout(total=None, sock_read=WATCH_TIMEOUT_S + 30)
-    ) as resp:
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=WATCH_TIMEOUT_S + 30)
+    async with session.get(path, params=query, headers=headers, timeout=timeout) as resp:
         if resp.status != 200:
             raise KubeError(f"watch {path}: HTTP {resp.status}", status=resp.status)
         async for line in resp.content:
@@ -235,7 +251,7 @@ def _parse_time(value: str) -> float:
 
 def _credentials(
     url: str | None, token_file: Path | None, ca_file: Path | None
-) -> tuple[str, dict[str, str], ssl.SSLContext | bool]:
+) -> tuple[str, Path | None, ssl.SSLContext | bool]:
     if url is None:
         host, port = (
             os.environ.get("KUBERNETES_SERVICE_HOST"),
@@ -248,10 +264,7 @@ def _credentials(
         url = f"https://{host}:{port}"
         token_file = token_file or SERVICE_ACCOUNT / "token"
         ca_file = ca_file or SERVICE_ACCOUNT / "ca.crt"
-    headers = {"Accept": "application/json"}
-    if token_file is not None:
-        headers["Authorization"] = f"Bearer {token_file.read_text().strip()}"
     ssl_ctx: ssl.SSLContext | bool = True
     if ca_file is not None and url.startswith("https"):
         ssl_ctx = ssl.create_default_context(cafile=str(ca_file))
-    return url, headers, ssl_ctx
+    return url, token_file, ssl_ctx

@@ -13,6 +13,16 @@ way). To keep the per-chunk path bare, `response_error` looks only at the first 
 response, after it was relayed: errors reported there (the usual place) are caught; one in the middle of a
 long stream that then carries on is not.
 
+Who caused an error decides whether it counts (`blame`). A security review saw one client eject a backend by
+calling a failing tool five times in its own MCP session, and every other session on it then lost its
+backend. So on the MCP endpoint an application-level answer never counts against the backend: a tool result
+with `isError`, and any JSON-RPC error inside a legacy session (the session's state is the client's own doing),
+or a JSON-RPC error with a client-side code (parse error, invalid request, method not found, invalid params)
+on a stateless request. What still counts there is what only a sick backend produces: transport failures,
+5xx statuses, and `Internal error` (-32603) or implementation-defined server errors on stateless requests.
+4xx answers are neither success nor failure. Elsewhere (the OpenAI-style routes) an error event in a 200 is
+the backend's failure, as before.
+
 Retries are bounded by a budget (`RetryBudget`), so an outage cannot multiply the load by `max_attempts`.
 
 What this module does not do: decide whether a retry is safe (proxy.py knows whether a byte reached the
@@ -97,6 +107,63 @@ def response_error(first: bytes, last: bytes, *, content_type: str) -> str | Non
                     if reason is not None:
                         return "sse_error" if reason == "error" else reason
     return None
+
+
+CLIENT_JSONRPC_CODES = frozenset({-32700, -32600, -32601, -32602})
+"""JSON-RPC 2.0 codes for errors in what the client sent: parse error, invalid request, unknown method, bad
+params."""
+
+CLIENT_ERROR = "client_error"
+"""Reason recorded (in `streams_failed_total`, never in ejection) for an error the client caused."""
+
+
+def blame(
+    first: bytes, last: bytes, *, status: int, content_type: str, mcp: bool, in_session: bool
+) -> tuple[str, bool] | None:
+    """Who a finished response's error belongs to: None (no error), else (reason, backend_at_fault).
+
+    Args:
+        first, last: the response's first and last chunk (what `response_error` inspects).
+        mcp: the request went to the MCP endpoint.
+        in_session: it carried a legacy MCP session id.
+    """
+    if status >= 500:
+        return f"status_{status}", True
+    if 400 <= status < 500:
+        return CLIENT_ERROR, False
+    if status != 200:
+        return None
+    reason = response_error(first, last, content_type=content_type)
+    if reason is None or not mcp:
+        return (reason, True) if reason is not None else None
+    if in_session:
+        return CLIENT_ERROR, False
+    codes = _jsonrpc_codes(first, last, content_type=content_type)
+    if not codes or all(code is None or code in CLIENT_JSONRPC_CODES for code in codes):
+        return CLIENT_ERROR, False
+    return reason, True
+
+
+def _jsonrpc_codes(first: bytes, last: bytes, *, content_type: str) -> list[int | None]:
+    """Error codes of the JSON-RPC errors in the first/last chunk (None for an `isError` tool result)."""
+    docs: list[Any] = []
+    if "json" in content_type:
+        docs.append(_loads(first))
+    else:
+        for chunk in (first, last) if last is not first else (first,):
+            docs.extend(_loads(line[5:]) for line in chunk.split(b"\n") if line.startswith(b"data:"))
+    codes: list[int | None] = []
+    for doc in docs:
+        for item in doc if isinstance(doc, list) else [doc]:
+            if not isinstance(item, dict):
+                continue
+            error = item.get("error")
+            if isinstance(error, dict):
+                code = error.get("code")
+                codes.append(code if isinstance(code, int) else -32603)
+            elif isinstance(item.get("result"), dict) and item["result"].get("isError") is True:
+                codes.append(None)
+    return codes
 
 
 def _loads(data: bytes) -> Any:

@@ -1,9 +1,18 @@
 """The HTTP relay: one client request in, one backend stream out, bytes streamed both ways.
 
-Flow of a request: validate what is cheap to validate (body size, MCP session) -> read at most
-`retry_buffer_bytes` of the body (so a failed attempt can be replayed) -> place a lease (runtime.Balancer.place)
--> send to the backend -> on a connect error, reset, first-byte timeout or 503 before anything reached the client,
-retry on another backend within the retry budget -> relay the status and headers -> relay the body.
+Flow of a request: refuse what must not reach a backend (inbound.py: routes, methods, header bytes) -> resolve
+the MCP routing (a sealed legacy session, or a stateless request's method and name) -> read at most
+`retry_buffer_bytes` of the body under its own deadlines (so a failed attempt can be replayed, and a slow
+upload is the client's problem, not a backend's) -> attempts -> relay the status and headers -> relay the body.
+
+Attempts are one state machine (`_Attempts`): each takes a lease through `runtime.Balancer.place` (so a retry
+waits in the admission queue behind other streams and obeys the bounded-load rule like a first try), sends,
+and ends in exactly one of: relay (the lease goes to `_relay`, which releases it), retry elsewhere (the lease
+is released once, here), or an answer. A retry happens only before any byte reached the client, within the
+retry budget and `max_attempts`, never for a pinned session, and, for a request that is not idempotent, only
+when the backend provably did not act on it: the connection was refused or could not be made (no byte was
+written), or it answered 503 (declined before acting). A POST that hung after delivery is not sent again
+(it reached two backends once). A 503 with nowhere to retry is relayed as it is, with its Retry-After.
 
 The per-chunk path is protocol-level (relay.py): after the response head, the backend connection's protocol
 is switched to a `relay.Pipe` that writes each piece straight to the client transport, with the backend's
@@ -29,13 +38,20 @@ chunks; any other body is cut (the connection closes without the final chunk), s
 body rather than a short "success". Only a backend connection whose body ended exactly at its framing's end
 goes back to the pool.
 
+Blame: `health.blame` decides whether a finished response counts against the backend; a client that stopped
+reading (cut by the write deadline), left, sent a slow or oversized body, or caused an application error is
+recorded under its own reason and never ejects anyone. Error bodies are fixed sentences (responses.py); the
+details, redacted, go to the log.
+
 What this module does not do: WebSocket (websockets.py), choose backends (runtime.py), or admin endpoints.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Final
 
 import aiohttp
@@ -43,31 +59,15 @@ from aiohttp import http_exceptions, web
 from multidict import CIMultiDict
 from yarl import URL
 
-from balancer import health, relay, websockets
+from balancer import health, inbound, relay, responses, websockets
 from balancer.backends import Backend, Lease
 from balancer.errors import NoBackendError, UpstreamError
 from balancer.runtime import Balancer
-from balancer.sessions import METHOD_HEADER, SESSION_HEADER
+from balancer.sessions import METHOD_HEADER, NAME_HEADER, SESSION_HEADER
+
+log = logging.getLogger(__name__)
 
 BALANCER: Final = web.AppKey("balancer", Balancer)
-
-HOP_BY_HOP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-"""RFC 9110 section 7.6.1 connection-specific headers, plus the de-facto Keep-Alive and Proxy-Connection."""
-
-NOT_FORWARDED: Final = HOP_BY_HOP | {"host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
-"""Request headers we replace: Host is the backend's, the X-Forwarded-* are rebuilt."""
 
 INITIALIZE: Final = b'"method":"initialize"'
 """How a (compact) JSON-RPC `initialize` request names itself; such a request opens a new MCP session, which is
@@ -75,8 +75,19 @@ placed under the bounded-load rule. Legacy clients send no Mcp-Method header, so
 body is searched once (never the response, never per chunk)."""
 INITIALIZE_SCAN_BYTES: Final = 4096
 
-RETRY_AFTER_S: Final = 5
-"""Retry-After on 503: about the time a queued stream waits, short enough that clients come back soon."""
+IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+"""RFC 9110 section 9.2.2: sending these twice has the effect of sending them once, so any failure before the
+first byte may be retried. Others (POST, PATCH) are retried only when the backend provably did not act."""
+
+NOT_ACTED: Final = frozenset({"connect", "status_503"})
+"""Failures after which the backend provably did not act on the request: no connection, or an explicit 503."""
+
+FAILURE_ANSWERS: Final = {
+    "connect": (502, "cannot connect to a backend"),
+    "timeout": (504, "the backend did not answer in time"),
+    "reset": (502, "the backend failed before answering"),
+}
+"""What a client is told when attempts fail: fixed sentences; the details (redacted) go to the log."""
 
 TERMINAL_SSE_ERROR: Final = (
     b'event: error\ndata: {"error": {"type": "upstream_error", "code": 502, '
@@ -91,104 +102,217 @@ class BodyTooLarge(Exception):
     """The request body exceeded max_body_bytes."""
 
 
+class BodyTimeout(Exception):
+    """The request body did not arrive within its deadline or paused too long."""
+
+
 async def handle(request: web.Request) -> web.StreamResponse:
     """Relay one client request to a backend (the catch-all route of the proxy app)."""
     bal = request.app[BALANCER]
+    config = bal.config
+    refused = inbound.refuse(request, config)
+    if refused is not None:
+        return refused
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await websockets.relay(request, bal)
-    limit = bal.config.max_body_bytes
+    limit = config.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        return error_response(
-            413, f"request body of {request.content_length} bytes exceeds the limit of {limit}"
-        )
+        return responses.error_response(413, f"the request body exceeds the limit of {limit} bytes")
 
-    session_id = request.headers.get(SESSION_HEADER)
-    pinned: Backend | None = None
-    if session_id is not None:
-        pinned = bal.sessions.lookup(session_id)
-        if pinned is None:
-            return error_response(
-                404, f"MCP session {session_id!r} is unknown or its backend is gone; initialize a new session"
-            )
-
+    plan = _plan(request, bal)
+    if isinstance(plan, web.Response):
+        return plan
     try:
-        body = await _read_body(request, buffer_bytes=bal.config.retry_buffer_bytes, limit_bytes=limit)
+        body = await _read_body(request, bal)
     except BodyTooLarge:
-        return error_response(413, f"request body exceeds the limit of {limit} bytes")
-    except (aiohttp.ClientPayloadError, http_exceptions.HttpProcessingError, ValueError) as exc:
-        return error_response(400, f"malformed request body: {exc}")
+        return responses.error_response(413, f"the request body exceeds the limit of {limit} bytes")
+    except BodyTimeout:
+        return responses.error_response(408, "the request body did not arrive in time")
+    except (aiohttp.ClientPayloadError, http_exceptions.HttpProcessingError, ValueError):
+        return responses.error_response(400, "malformed request body")
+    if plan.new_session is None:
+        plan.new_session = isinstance(body, bytes) and INITIALIZE in body[:INITIALIZE_SCAN_BYTES]
+    headers = inbound.forward_headers(request, keep_length=isinstance(body, _StreamedBody))
+    if plan.backend_session_id is not None:
+        headers[SESSION_HEADER] = plan.backend_session_id
+    return await _Attempts(request, bal, plan, body, headers).run()
 
-    affinity = _affinity_key(request, bal)
-    method = request.headers.get(METHOD_HEADER) if session_id is None else None
-    headers = _forward_headers(request, streamed=isinstance(body, _StreamedBody))
-    url_tail = request.raw_path
-    bal.budget.on_request()
-    tried: set[str] = set()
-    last_error = "no backend could take the stream"
-    last_status = 502
-    lease: Lease | None = None
-    new_session = method == "initialize" or (
-        session_id is None and isinstance(body, bytes) and INITIALIZE in body[:INITIALIZE_SCAN_BYTES]
-    )
-    try:
+
+@dataclass
+class _Plan:
+    """How a request is routed: pinned to a session's backend, or placed (with affinity or bounded load)."""
+
+    mcp: bool
+    pinned: Backend | None = None
+    session_id: str | None = None
+    """The sealed id the client sent."""
+    backend_session_id: str | None = None
+    """The backend's own id, restored on the way in."""
+    affinity: str | None = None
+    method: str | None = None
+    new_session: bool | None = None
+    """None until known: an initialize named in the body is found after the body is read."""
+
+
+def _plan(request: web.Request, bal: Balancer) -> _Plan | web.Response:
+    """The routing of one request, or the answer when its session cannot be served."""
+    mcp = inbound.is_mcp(request, bal.config)
+    session_id = request.headers.get(SESSION_HEADER) if mcp else None
+    if session_id is not None:
+        route = bal.open_session(session_id)
+        if route.refusal in ("unknown", "gone") or route.backend is None:
+            return responses.error_response(
+                404, "the MCP session is unknown or its backend is gone; initialize a new session"
+            )
+        if route.refusal == "ejected":
+            return responses.unavailable(
+                "the MCP session's backend is temporarily out of service; retry later",
+                retry_after_s=route.retry_after_s,
+            )
+        bal.sessions.bind(session_id, route.backend, client=request.remote or "")
+        return _Plan(
+            mcp, pinned=route.backend, session_id=session_id, backend_session_id=route.backend_session_id
+        )
+    method = request.headers.get(METHOD_HEADER) if mcp else None
+    plan = _Plan(mcp, method=method, affinity=_affinity_key(request, bal))
+    if method == "initialize":
+        plan.new_session = True
+    elif method is not None:
+        plan.new_session = False
+        if plan.affinity is None:  # stateless MCP: the same tool lands on the same few backends
+            plan.affinity = f"mcp\n{method}\n{request.headers.get(NAME_HEADER, '')}"
+    elif not mcp:
+        plan.new_session = False
+    return plan
+
+
+@dataclass
+class _Attempts:
+    """One request's attempts, from the first placement to the relay or the final answer."""
+
+    request: web.Request
+    bal: Balancer
+    plan: _Plan
+    body: bytes | _StreamedBody | None
+    headers: CIMultiDict[str]
+    tried: set[str] = field(default_factory=set)
+    failure: tuple[int, str] = (502, "no backend could serve the request")
+
+    async def run(self) -> web.StreamResponse:
+        bal = self.bal
+        bal.budget.on_request()
         for attempt in range(1, bal.config.max_attempts + 1):
-            start_s = bal.clock.monotonic()
-            if pinned is not None:
-                lease = bal.pool.lease(pinned)
-            elif attempt == 1:
-                lease = await bal.place(affinity_key=affinity, method=method, new_session=new_session)
-            else:
-                backend = bal.choose(exclude=frozenset(tried), method=method)
-                if backend is None:
-                    break
-                lease = bal.pool.lease(backend)
-            backend = lease.backend
-            tried.add(backend.address)
+            lease = await self._lease(first=attempt == 1)
+            if isinstance(lease, web.Response):
+                return lease
+            if lease is None:
+                break
+            answer = await self._attempt(lease, last=attempt == bal.config.max_attempts)
+            if answer is not None:
+                return answer
+        status, message = self.failure
+        return responses.error_response(status, message)
+
+    async def _lease(self, *, first: bool) -> Lease | web.Response | None:
+        """The next attempt's lease; None when there is nowhere left to try; an answer when none can be had."""
+        bal, plan = self.bal, self.plan
+        if plan.pinned is not None:
+            return bal.pool.lease(plan.pinned) if first else None
+        exclude = frozenset(self.tried)
+        if not first and not bal.has_other(exclude=exclude, method=plan.method):
+            return None
+        try:
+            return await bal.place(
+                exclude=exclude,
+                affinity_key=plan.affinity,
+                method=plan.method,
+                new_session=bool(plan.new_session),
+            )
+        except NoBackendError as exc:  # its message is the balancer's own, naming no backend
+            return responses.unavailable(str(exc)) if first else None
+
+    async def _attempt(self, lease: Lease, *, last: bool) -> web.StreamResponse | None:
+        """One attempt on `lease`: the response, or None to retry. Releases the lease unless `_relay` took it."""
+        bal, request, body = self.bal, self.request, self.body
+        backend = lease.backend
+        self.tried.add(backend.address)
+        start_s = bal.clock.monotonic()
+        relaying = False
+        try:
             try:
-                upstream = await _send(request, bal, backend, headers, body, url_tail)
+                upstream = await _send(request, bal, backend, self.headers, body)
             except UpstreamError as exc:
-                lease.release()
-                lease = None
-                if isinstance(body, _StreamedBody) and body.too_large:
-                    return error_response(413, f"request body exceeds the limit of {limit} bytes")
-                bal.outliers.failure(backend, exc.reason)
-                last_error = str(exc)
-                last_status = 504 if exc.reason == "timeout" else 502
-                if _may_retry(bal, body, pinned, exc.reason):
-                    continue
-                if pinned is not None and session_id is not None and bal.sessions.lookup(session_id) is None:
-                    return error_response(
-                        404, f"MCP session {session_id!r}: its backend is gone; initialize a new session"
-                    )
-                return error_response(last_status, str(exc))
-            if (
-                upstream.status == 503
-                and attempt < bal.config.max_attempts
-                and _may_retry(bal, body, pinned, "status_503")
-            ):
+                return self._failed(backend, exc, last=last)
+            if upstream.status == 503 and not last and self._may_retry("status_503", backend):
                 upstream.close()
-                lease.release()
-                lease = None
                 bal.outliers.failure(backend, "status_503")
-                last_error = f"backend {backend.address} answered 503"
-                continue
-            return await _relay(request, bal, lease, upstream, start_s=start_s, session_id=session_id)
-    except NoBackendError as exc:
-        return error_response(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)})
-    except asyncio.CancelledError:
-        if lease is not None:  # the client left (aiohttp cancelled us) or the server is stopping
-            lease.backend.count_failure("cancelled")
-        raise
-    finally:
-        if lease is not None:
-            lease.release()
-    return error_response(last_status, f"{last_error} (tried {', '.join(sorted(tried))})")
+                self.failure = (502, "the backends were unavailable")
+                return None
+            try:
+                out_headers = inbound.backward_headers(upstream.headers)
+                self._sessions(backend, upstream.status, upstream.headers.get(SESSION_HEADER), out_headers)
+            except BaseException:
+                upstream.close()
+                raise
+            relaying = True
+            return await _relay(
+                request, bal, lease, upstream, headers=out_headers, start_s=start_s, plan=self.plan
+            )
+        except asyncio.CancelledError:  # the client left (aiohttp cancelled us) or the server is stopping
+            backend.count_failure("client_stalled" if lease.client_stalled else "cancelled")
+            raise
+        finally:
+            if not relaying:
+                lease.release()
 
+    def _failed(self, backend: Backend, exc: UpstreamError, *, last: bool) -> web.StreamResponse | None:
+        body = self.body
+        if isinstance(body, _StreamedBody) and body.fault is not None:
+            backend.count_failure("client_body")
+            if body.fault == "too_large":
+                limit = self.bal.config.max_body_bytes
+                return responses.error_response(413, f"the request body exceeds the limit of {limit} bytes")
+            return responses.error_response(408, "the request body did not arrive in time")
+        self.bal.outliers.failure(backend, exc.reason)
+        log.warning("attempt on %s failed (%s): %s", backend.address, exc.reason, responses.describe(exc))
+        self.failure = FAILURE_ANSWERS.get(exc.reason, FAILURE_ANSWERS["reset"])
+        if not last and self._may_retry(exc.reason, backend):
+            return None
+        status, message = self.failure
+        return responses.error_response(status, message)
 
-def error_response(status: int, message: str, *, headers: dict[str, str] | None = None) -> web.Response:
-    """The JSON error body every balancer-made answer carries."""
-    body = {"error": {"code": status, "message": message, "type": "balancer_error"}}
-    return web.json_response(body, status=status, headers=headers)
+    def _may_retry(self, reason: str, backend: Backend) -> bool:
+        """Whether the request may go to another backend after `reason` (spends budget when it may)."""
+        plan, body = self.plan, self.body
+        if plan.pinned is not None:
+            return False
+        if isinstance(body, _StreamedBody) and (body.started or reason != "connect"):
+            return False
+        if self.request.method not in IDEMPOTENT and reason not in NOT_ACTED:
+            return False
+        exclude = frozenset(self.tried | {backend.address})
+        if not self.bal.has_other(exclude=exclude, method=plan.method):
+            return False
+        return self.bal.budget.try_spend()
+
+    def _sessions(
+        self, backend: Backend, status: int, learned: str | None, out_headers: CIMultiDict[str]
+    ) -> None:
+        """Seal a session the backend opened; forget one it ended (only on the MCP endpoint)."""
+        plan, bal, request = self.plan, self.bal, self.request
+        if not plan.mcp:
+            return
+        if learned is not None:
+            if plan.session_id is not None and learned == plan.backend_session_id:
+                out_headers[SESSION_HEADER] = plan.session_id
+            elif status < 300:
+                sealed = bal.seal.seal(backend.address, learned)
+                out_headers[SESSION_HEADER] = sealed
+                bal.sessions.bind(sealed, backend, client=request.remote or "")
+            else:
+                del out_headers[SESSION_HEADER]
+        if plan.session_id is not None and (status == 404 or (request.method == "DELETE" and status < 300)):
+            bal.sessions.end(plan.session_id)
 
 
 async def _send(
@@ -197,10 +321,9 @@ async def _send(
     backend: Backend,
     headers: CIMultiDict[str],
     body: bytes | _StreamedBody | None,
-    url_tail: str,
 ) -> aiohttp.ClientResponse:
     assert bal.client is not None, "Balancer.start() was not awaited"
-    url = URL(f"{bal.scheme}://{backend.address}{url_tail}", encoded=True)
+    url = URL(f"{bal.scheme}://{backend.address}{inbound.target(request)}", encoded=True)
     try:
         async with asyncio.timeout(bal.config.first_byte_timeout_s):
             with relay.armed():  # the body stays unread after the head, for the protocol-level relay
@@ -215,18 +338,8 @@ async def _send(
         raise UpstreamError(f"backend {backend.address} sent no response in time", reason="timeout") from exc
     except aiohttp.ClientError as exc:
         raise UpstreamError(
-            f"backend {backend.address} failed before responding: {exc!r}", reason="reset"
+            f"backend {backend.address} failed before responding: {type(exc).__name__}: {exc}", reason="reset"
         ) from exc
-
-
-def _may_retry(
-    bal: Balancer, body: bytes | _StreamedBody | None, pinned: Backend | None, reason: str
-) -> bool:
-    if pinned is not None:
-        return False
-    if isinstance(body, _StreamedBody) and (body.started or reason != "connect"):
-        return False
-    return bal.budget.try_spend()
 
 
 async def _relay(
@@ -235,23 +348,18 @@ async def _relay(
     lease: Lease,
     upstream: aiohttp.ClientResponse,
     *,
+    headers: CIMultiDict[str],
     start_s: float,
-    session_id: str | None,
+    plan: _Plan,
 ) -> web.StreamResponse:
     backend = lease.backend
-    learned = upstream.headers.get(SESSION_HEADER)
-    if learned is not None and session_id is None and upstream.status < 300:
-        bal.sessions.bind(learned, backend)
-    elif session_id is not None and (
-        upstream.status == 404 or (request.method == "DELETE" and upstream.status < 300)
-    ):
-        bal.sessions.end(session_id)
     length = relay.framing(upstream, request)
     if length is False:
         relay.release(upstream)
-        return await _relay_streamed(request, bal, lease, upstream, start_s=start_s)
+        return await _relay_streamed(
+            request, bal, lease, upstream, headers=headers, start_s=start_s, plan=plan
+        )
     chunked = length is None
-    headers = _backward_headers(upstream)
     if chunked:
         headers.popall("Content-Length", None)
         headers["Transfer-Encoding"] = "chunked"
@@ -270,19 +378,29 @@ async def _relay(
         now_s = bal.clock.monotonic()
         if pipe.first is not None:
             backend.observe_ttfb(now_s - start_s, now_s)
-        lease.watch(pipe, now_s)
+        lease.watch(pipe, now_s, client=request.transport)
         await relay.follow(pipe, writer)
         if pipe.outcome == relay.DONE:
             await resp.write_eof()
             ok = True
+        elif lease.client_stalled:
+            backend.count_failure("client_stalled")
         elif pipe.outcome == relay.CLIENT_GONE:
             backend.count_failure("client_gone")
+        elif _notification_stream(request, plan) and lease.idle_timed_out:
+            backend.count_failure("idle_notifications")  # a quiet MCP GET stream is normal, not a fault
+            await _end_quietly(request, resp)
         else:
             bal.outliers.failure(backend, "timeout" if lease.idle_timed_out else "midstream")
             await _end_broken(request, resp, content_type, pipe=pipe)
     except (ConnectionResetError, aiohttp.ClientError, TimeoutError) as exc:
-        if _client_gone(request):
+        if lease.client_stalled:
+            backend.count_failure("client_stalled")
+        elif _client_gone(request):
             backend.count_failure("client_gone")
+        elif _notification_stream(request, plan) and (lease.idle_timed_out or isinstance(exc, TimeoutError)):
+            backend.count_failure("idle_notifications")
+            await _end_quietly(request, resp)
         else:
             timed_out = isinstance(exc, TimeoutError) or lease.idle_timed_out
             bal.outliers.failure(backend, "timeout" if timed_out else "midstream")
@@ -298,18 +416,23 @@ async def _relay(
             upstream.close()
     if ok and pipe is not None:
         first, last = _error_samples(pipe, chunked=chunked)
-        _judge(bal, backend, upstream.status, first, last, content_type)
+        _judge(bal, backend, upstream.status, first, last, content_type=content_type, plan=plan)
     return resp
 
 
 async def _relay_streamed(
-    request: web.Request, bal: Balancer, lease: Lease, upstream: aiohttp.ClientResponse, *, start_s: float
+    request: web.Request,
+    bal: Balancer,
+    lease: Lease,
+    upstream: aiohttp.ClientResponse,
+    *,
+    headers: CIMultiDict[str],
+    start_s: float,
+    plan: _Plan,
 ) -> web.StreamResponse:
     """Relay a body through aiohttp's stream objects: for the framings relay.py leaves to aiohttp."""
     backend = lease.backend
-    resp = web.StreamResponse(
-        status=upstream.status, reason=upstream.reason, headers=_backward_headers(upstream)
-    )
+    resp = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     content = upstream.content
     content_type = upstream.headers.get("Content-Type", "")
     first = b""
@@ -322,7 +445,7 @@ async def _relay_streamed(
             first = await content.readany()
         now_s = bal.clock.monotonic()
         backend.observe_ttfb(now_s - start_s, now_s)
-        lease.watch(_Counted(upstream), now_s)
+        lease.watch(_Counted(upstream), now_s, client=request.transport)
         if first:
             await resp.write(first)
             chunk = first
@@ -332,8 +455,13 @@ async def _relay_streamed(
         await resp.write_eof()
         ok = True
     except (ConnectionResetError, aiohttp.ClientError, TimeoutError) as exc:
-        if _client_gone(request):
+        if lease.client_stalled:
+            backend.count_failure("client_stalled")
+        elif _client_gone(request):
             backend.count_failure("client_gone")
+        elif _notification_stream(request, plan) and (lease.idle_timed_out or isinstance(exc, TimeoutError)):
+            backend.count_failure("idle_notifications")  # a quiet MCP GET stream is normal, not a fault
+            await _end_quietly(request, resp)
         else:
             timed_out = isinstance(exc, TimeoutError) or lease.idle_timed_out
             bal.outliers.failure(backend, "timeout" if timed_out else "midstream")
@@ -346,7 +474,7 @@ async def _relay_streamed(
         else:
             upstream.close()
     if ok:
-        _judge(bal, backend, upstream.status, first, chunk, content_type)
+        _judge(bal, backend, upstream.status, first, chunk, content_type=content_type, plan=plan)
     return resp
 
 
@@ -380,17 +508,37 @@ class _Counted:
 
 
 def _judge(
-    bal: Balancer, backend: Backend, status: int, first: bytes, last: bytes, content_type: str
+    bal: Balancer,
+    backend: Backend,
+    status: int,
+    first: bytes,
+    last: bytes,
+    *,
+    content_type: str,
+    plan: _Plan,
 ) -> None:
-    """Count a finished response as the backend's success or failure (errors hidden in a 200 included)."""
+    """Count a finished response as the backend's success or failure (`health.blame`: errors hidden in a
+    200 count, application errors the client caused do not)."""
     backend.completed += 1
-    hidden = health.response_error(first, last, content_type=content_type) if status == 200 else None
-    if hidden is not None:
-        bal.outliers.failure(backend, hidden)
-    elif status >= 500:
-        bal.outliers.failure(backend, f"status_{status}")
-    else:
+    verdict = health.blame(
+        first,
+        last,
+        status=status,
+        content_type=content_type,
+        mcp=plan.mcp,
+        in_session=plan.session_id is not None,
+    )
+    if verdict is None:
         bal.outliers.success(backend)
+    elif verdict[1]:
+        bal.outliers.failure(backend, verdict[0])
+    else:
+        backend.count_failure(verdict[0])
+
+
+def _notification_stream(request: web.Request, plan: _Plan) -> bool:
+    """An MCP GET stream: the server speaks only when it has something to say, so silence is normal."""
+    return plan.mcp and request.method == "GET"
 
 
 async def _end_broken(
@@ -416,6 +564,18 @@ async def _end_broken(
         request.transport.close()
 
 
+async def _end_quietly(request: web.Request, resp: web.StreamResponse) -> None:
+    """End a stream that did nothing wrong (a quiet notification stream): a clean end; the client reconnects."""
+    try:
+        if resp.prepared:
+            await resp.write_eof()
+            return
+    except (ConnectionResetError, aiohttp.ClientError):
+        pass
+    if request.transport is not None:
+        request.transport.close()
+
+
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -434,43 +594,16 @@ def _affinity_key(request: web.Request, bal: Balancer) -> str | None:
     return None
 
 
-def _forward_headers(request: web.Request, *, streamed: bool) -> CIMultiDict[str]:
-    incoming = request.headers
-    drop = NOT_FORWARDED
-    connection = incoming.get("Connection")
-    if connection:
-        drop = drop | {token.strip().lower() for token in connection.split(",")}
-    if not streamed:
-        drop = drop | {"content-length"}
-    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
-    peer = request.remote or ""
-    prior = incoming.get("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    out["X-Forwarded-Proto"] = request.scheme
-    out["X-Forwarded-Host"] = request.host
-    return out
-
-
-def _backward_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
-    incoming = upstream.headers
-    drop = HOP_BY_HOP
-    connection = incoming.get("Connection")
-    if connection:
-        drop = drop | {token.strip().lower() for token in connection.split(",")}
-    return CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
-
-
 class _StreamedBody:
     """A request body too large for the retry buffer: the buffered head, then the rest as it arrives."""
 
-    def __init__(self, head: list[bytes], request: web.Request, *, limit_bytes: int, seen_bytes: int) -> None:
+    def __init__(self, head: list[bytes], request: web.Request, reader: _BodyReader) -> None:
         self.head = head
         self.request = request
-        self.limit_bytes = limit_bytes
-        self.seen_bytes = seen_bytes
+        self.reader = reader
         self.started = False
-        self.too_large = False
-        """Set when the client sent more than the limit: the attempt failed because of the client."""
+        self.fault: str | None = None
+        """"too_large" or "timeout" when the client's body failed the attempt (the client's fault)."""
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self._iterate()
@@ -479,29 +612,54 @@ class _StreamedBody:
         self.started = True
         for piece in self.head:
             yield piece
-        async for piece in self.request.content.iter_any():
-            self.seen_bytes += len(piece)
-            if self.seen_bytes > self.limit_bytes:
-                self.too_large = True
-                raise BodyTooLarge(f"request body exceeds {self.limit_bytes} bytes")
+        while True:
+            try:
+                piece = await self.reader.next()
+            except BodyTooLarge:
+                self.fault = "too_large"
+                raise
+            except BodyTimeout:
+                self.fault = "timeout"
+                raise
+            if not piece:
+                return
             yield piece
 
 
-async def _read_body(
-    request: web.Request, *, buffer_bytes: int, limit_bytes: int
-) -> bytes | _StreamedBody | None:
+class _BodyReader:
+    """Reads a request body under its limits: size, a whole-body deadline and a longest pause."""
+
+    def __init__(self, request: web.Request, bal: Balancer) -> None:
+        config = bal.config
+        self.content = request.content
+        self.limit_bytes = config.max_body_bytes
+        self.idle_s = config.body_idle_timeout_s
+        self.deadline_s = asyncio.get_running_loop().time() + config.body_timeout_s
+        self.seen_bytes = 0
+
+    async def next(self) -> bytes:
+        """The next piece (b"" at the end). Raises BodyTooLarge or BodyTimeout."""
+        wait_s = min(self.idle_s, self.deadline_s - asyncio.get_running_loop().time())
+        try:
+            async with asyncio.timeout(max(wait_s, 0.0)):
+                piece = await self.content.readany()
+        except TimeoutError as exc:
+            raise BodyTimeout from exc
+        self.seen_bytes += len(piece)
+        if self.seen_bytes > self.limit_bytes:
+            raise BodyTooLarge
+        return piece
+
+
+async def _read_body(request: web.Request, bal: Balancer) -> bytes | _StreamedBody | None:
     """The whole body if it fits the retry buffer, else a streamed body; None when there is none."""
     if not request.body_exists:
         return None
+    reader = _BodyReader(request, bal)
     pieces: list[bytes] = []
-    seen = 0
-    content = request.content
-    while seen <= buffer_bytes:
-        piece = await content.readany()
+    while reader.seen_bytes <= bal.config.retry_buffer_bytes:
+        piece = await reader.next()
         if not piece:
             return b"".join(pieces)
-        seen += len(piece)
-        if seen > limit_bytes:
-            raise BodyTooLarge
         pieces.append(piece)
-    return _StreamedBody(pieces, request, limit_bytes=limit_bytes, seen_bytes=seen)
+    return _StreamedBody(pieces, request, reader)

@@ -18,6 +18,7 @@ import argparse
 import os
 import socket
 import uuid
+from pathlib import Path
 from typing import Any
 
 
@@ -59,6 +60,18 @@ def add_parser(subparsers: Any) -> None:
         default=8080,
         metavar="PORT",
         help="port serving /metrics, /healthz and /readyz (0 disables); default 8080",
+    )
+    p.add_argument(
+        "--signals-scheme",
+        choices=("http", "https"),
+        default="http",
+        help="scheme for the balancers' /signals: https when their admin listener has admin_tls_cert; default http",
+    )
+    p.add_argument(
+        "--signals-ca-file",
+        type=Path,
+        metavar="PATH",
+        help="CA bundle verifying the balancers' admin certificates (with --signals-scheme https)",
     )
     p.add_argument(
         "--metrics-address",
@@ -187,6 +200,8 @@ async def _main(args: argparse.Namespace) -> None:
         balancer_endpoints=lambda ns, svc: holder[0].caches.service_addresses(ns, svc),
         # unless the operator allows others, only the Prometheus a policy gets by default
         allowed_prometheus_urls=args.prometheus_url or [policy.PrometheusDemand.model_fields["url"].default],
+        signals_scheme=args.signals_scheme,
+        signals_ca_file=args.signals_ca_file,
     )
     controller = loop.Controller(
         api_client,

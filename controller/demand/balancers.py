@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 import pydantic
@@ -41,6 +43,16 @@ class SignalsReading:
     """Replicas asked."""
 
 
+def signals_session(*, timeout_s: float, ca_file: Path | None = None) -> aiohttp.ClientSession:
+    """The HTTP session that reads balancer signals; `ca_file` verifies their admin certificates (https)."""
+    ssl_ctx: ssl.SSLContext | bool = True
+    if ca_file is not None:
+        ssl_ctx = ssl.create_default_context(cafile=str(ca_file))
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout_s), connector=aiohttp.TCPConnector(ssl=ssl_ctx)
+    )
+
+
 async def fetch_signals(
     session: aiohttp.ClientSession,
     replicas: Sequence[str],
@@ -50,12 +62,20 @@ async def fetch_signals(
     timeout_s: float = SIGNALS_TIMEOUT_S,
     path: str = "/signals",
     headers: Mapping[str, str] | None = None,
+    scheme: str = "http",
 ) -> SignalsReading:
-    """Ask every replica (`host:port`) for its signals at once and merge the fresh, valid answers."""
+    """Ask every replica (`host:port`) for its signals at once and merge the fresh, valid answers.
+
+    `scheme` is "https" when the balancers serve their admin listener with TLS (`admin_tls_cert`); the session
+    then carries the CA that verifies them (`Demands(signals_ca_file=...)`).
+    """
     if not replicas:
         return SignalsReading(None, ("no balancer replicas found (the Service has no ready endpoints)",), 0)
     answers = await asyncio.gather(
-        *(_fetch_one(session, r, path=path, timeout_s=timeout_s, headers=headers) for r in replicas)
+        *(
+            _fetch_one(session, r, path=path, timeout_s=timeout_s, headers=headers, scheme=scheme)
+            for r in replicas
+        )
     )
     reports: list[signals_mod.Signals] = []
     errors: list[str] = []
@@ -90,9 +110,10 @@ async def _fetch_one(
     path: str,
     timeout_s: float,
     headers: Mapping[str, str] | None,
+    scheme: str = "http",
 ) -> signals_mod.Signals | str:
     """One replica's report, or a sentence saying why there is none."""
-    url = f"http://{replica}{path}"
+    url = f"{scheme}://{replica}{path}"
     try:
         async with asyncio.timeout(timeout_s):
             async with session.get(url, headers=headers, allow_redirects=False) as resp:

@@ -23,6 +23,7 @@ import asyncio
 import logging
 import urllib.parse
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import aiohttp
 
@@ -106,6 +107,7 @@ class PolicyDemand:
         *,
         session: aiohttp.ClientSession | None = None,
         balancer_replicas: Sequence[str] = (),
+        signals_scheme: str = "http",
     ) -> pipeline.DemandReading:
         """Read the history and the signals, both at once."""
         spec = self.spec
@@ -115,7 +117,11 @@ class PolicyDemand:
             if spec.demand.balancer is not None and session is not None:
                 signals_task = tg.create_task(
                     balancers.fetch_signals(
-                        session, balancer_replicas, now=now, stale_after_s=spec.demand.stale_after_s
+                        session,
+                        balancer_replicas,
+                        now=now,
+                        stale_after_s=spec.demand.stale_after_s,
+                        scheme=signals_scheme,
                     )
                 )
             prom_task = None
@@ -160,6 +166,8 @@ class Demands:
         signals_timeout_s: per balancer replica.
         allowed_prometheus_urls: URL prefixes policies may name as their Prometheus (`url_refusal`);
             None allows any http/https URL.
+        signals_scheme: "https" when the balancers' admin listeners serve TLS (their `admin_tls_cert`).
+        signals_ca_file: CA bundle verifying the balancers' admin certificates (default: the system store).
     """
 
     def __init__(
@@ -168,7 +176,13 @@ class Demands:
         balancer_endpoints: EndpointLookup | None = None,
         signals_timeout_s: float = balancers.SIGNALS_TIMEOUT_S,
         allowed_prometheus_urls: Sequence[str] | None = None,
+        signals_scheme: str = "http",
+        signals_ca_file: Path | None = None,
     ) -> None:
+        if signals_scheme not in ("http", "https"):
+            raise ValueError(f"signals_scheme must be 'http' or 'https', got {signals_scheme!r}")
+        self.signals_scheme = signals_scheme
+        self.signals_ca_file = signals_ca_file
         self.balancer_endpoints = balancer_endpoints
         self.allowed_prometheus_urls = allowed_prometheus_urls
         self.signals_timeout_s = signals_timeout_s
@@ -201,13 +215,14 @@ class Demands:
                 except Exception as exc:  # a lookup failure is missing data, not a crash
                     lookup_error = f"balancer Service {namespace}/{bal.service}: endpoints unavailable: {exc}"
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                timeout=aiohttp.ClientTimeout(total=self.signals_timeout_s * 2)
+            self._session = balancers.signals_session(
+                timeout_s=self.signals_timeout_s * 2, ca_file=self.signals_ca_file
             )
         reading = await pd.read(
             now,
             session=self._session if lookup_error is None else None,
             balancer_replicas=replicas,
+            signals_scheme=self.signals_scheme,
         )
         errors = reading.errors if lookup_error is None else (lookup_error, *reading.errors)
         errors = tuple(e for e in errors if e != "no HTTP session to read balancer signals with")

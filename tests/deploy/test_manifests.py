@@ -1147,3 +1147,16 @@ def test_gateway_picker_args_ports_and_grants(rendered: dict[str, list[Obj]]) ->
         "address": f"vllm-llama-8b-pool.{namespace}.svc.cluster.local",
         "port_value": inference_pool["spec"]["targetPorts"][0]["number"],
     }
+
+
+def test_balancer_replicas_share_the_mcp_session_key_from_a_secret(rendered: dict[str, list[Obj]]) -> None:
+    """M4: replicas behind a Service without affinity must open each other's sealed MCP session ids."""
+    pod = _find(rendered["base"], "Deployment", "forestall-balancer")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    key_file = env["FORESTALL_BALANCER_SESSION_KEY_FILE"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume_name = mounts[key_file.rsplit("/", 1)[0]]
+    volume = next(v for v in pod["volumes"] if v["name"] == volume_name)
+    assert volume["secret"]["secretName"] == "forestall-balancer-session-key"
+    assert not volume["secret"].get("optional", False)  # a replica must not start with a key of its own

@@ -3,12 +3,15 @@ conditions, pod start time (warming), the drain annotation and the capacity-weig
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
 from contract import clock as clock_mod
-from tests.fakes.balancer_env import balancer, completion_body, emulators, read_sse, wait_until
+from tests.fakes.balancer_env import balancer, completion_body, emulators, read_sse, start_app, wait_until
 from tests.fakes.kube_api import FakeKubeApi
 
 NS = "inference"
@@ -88,3 +91,34 @@ async def test_endpointslices_drive_backends_states_and_weights() -> None:
             api.put(_slice("vllm-b", "worker-1", ports[1], ready=False))
             await wait_until(lambda: addrs[1] not in pool, what="unready endpoint removed")
             assert [c.verb for c in api.calls(resource="endpointslices")][:2] == ["list", "watch"]
+
+
+async def test_the_watcher_rereads_a_rotated_service_account_token(tmp_path: Path) -> None:
+    """Low: the EndpointSlice watcher read its service-account token once, though projected tokens rotate."""
+    seen: list[str] = []
+    release = asyncio.Event()
+
+    async def api(request: web.Request) -> web.StreamResponse:
+        seen.append(request.headers.get("Authorization", ""))
+        if request.query.get("watch") == "true":
+            await release.wait()  # a watch ends when the test says so (as the server's timeout would)
+            return web.Response(text="", content_type="application/json")
+        return web.json_response({"metadata": {"resourceVersion": "1"}, "items": []})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", api)
+    runner, address = await start_app(app)
+    token = tmp_path / "token"
+    token.write_text("first\n")
+    try:
+        async with balancer(
+            kube_services=[f"{NS}/vllm"], kube_api_url=f"http://{address}", kube_token_file=token
+        ):
+            await wait_until(lambda: len(seen) >= 4, what="both lists and both watches made")
+            assert set(seen) == {"Bearer first"}
+            token.write_text("second\n")  # the kubelet rotates the projected token
+            release.set()
+            await wait_until(lambda: "Bearer second" in seen, what="a new watch with the rotated token")
+            release.clear()
+    finally:
+        await runner.cleanup()

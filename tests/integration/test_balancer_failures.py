@@ -98,31 +98,43 @@ async def test_only_refusing_backends_answer_502_with_a_json_body() -> None:
         assert lb.active() == 0
 
 
-async def test_hung_backend_times_out_before_first_byte_and_the_stream_is_retried() -> None:
+async def test_hung_backend_times_out_a_get_is_retried_and_a_post_is_not() -> None:
+    """M8: a POST that hung after delivery was retried and reached two backends. Now only idempotent
+    requests are retried after a timeout; the POST gets 504 and the second backend never sees it."""
     accepted: list[asyncio.StreamWriter] = []
+    seen: list[str] = []
 
     async def hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.append(writer)  # read nothing, answer nothing
 
+    async def ok(request: web.Request) -> web.Response:
+        seen.append(request.method)
+        await request.read()
+        return web.json_response({"ok": True})
+
     server = await asyncio.start_server(hang, "127.0.0.1", 0)
     hung = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    runner, healthy = await scripted_backend(ok)
     try:
         async with (
-            emulators(FAST) as addrs,
-            balancer([hung, *addrs], first_byte_timeout_s=0.2, idle_timeout_s=5.0) as lb,
+            balancer([hung, healthy], first_byte_timeout_s=0.2, idle_timeout_s=5.0) as lb,
             aiohttp.ClientSession() as http,
         ):
-            async with http.post(f"{lb.url}/v1/completions", json=completion_body()) as resp:
-                assert resp.status == 200
-                assert (await read_sse(resp))[-1] == "[DONE]"
+            async with http.get(f"{lb.url}/v1/models") as resp:
+                assert resp.status == 200 and seen == ["GET"]
             assert lb.bal.pool.backends[hung].failed == {"timeout": 1}
-            assert lb.bal.pool.backends[addrs[0]].completed == 1
+            async with http.post(f"{lb.url}/v1/completions", json=completion_body()) as resp:
+                assert resp.status == 504
+                assert (await resp.json())["error"]["message"] == "the backend did not answer in time"
+            assert seen == ["GET"]  # the POST reached one backend only
+            assert lb.bal.pool.backends[hung].failed == {"timeout": 2}
             assert lb.active() == 0
     finally:
         for writer in accepted:
             writer.close()
         server.close()
         await server.wait_closed()
+        await runner.cleanup()
 
 
 async def test_jsonrpc_errors_in_200s_eject_the_backend_for_growing_times() -> None:
@@ -247,3 +259,35 @@ async def test_idle_backend_mid_stream_is_cut_after_the_idle_timeout() -> None:
     finally:
         hang.set()
         await runner.cleanup()
+
+
+async def test_a_retry_waits_in_the_admission_queue_for_a_full_backend() -> None:
+    """Retries go through the same placement as first attempts: when the only other backend is at its stream
+    cap, the retry queues for its first free slot (it used to give up with 502 at once)."""
+    refusing = await _closed_port()
+    fake = clock_mod.FakeClock()
+    paced = {"slots": 4, "ttft_s": 0.0, "seconds_per_token": 1.0}
+    async with (
+        emulators(paced, clock=fake) as addrs,
+        balancer([refusing, *addrs], max_streams_per_backend=1, admission_wait_s=30.0) as lb,
+        aiohttp.ClientSession() as http,
+    ):
+        lb.bal.pool.backends[refusing].draining = True
+        parked = await http.post(f"{lb.url}/v1/completions", json=completion_body(tokens=2))
+        await parked.content.readline()
+        lb.bal.pool.backends[refusing].draining = False
+        retried = asyncio.create_task(http.post(f"{lb.url}/v1/completions", json=completion_body(tokens=1)))
+        await wait_until(lambda: len(lb.bal.admission) == 1, what="the retry waits in the admission queue")
+        assert lb.bal.pool.backends[refusing].failed == {"connect": 1}
+        for _ in range(5):  # the parked stream finishes and frees the slot
+            fake.advance(1.0)
+            await asyncio.sleep(0.01)
+        assert (await read_sse(parked))[-1] == "[DONE]"
+        parked.close()
+        resp = await retried
+        for _ in range(5):
+            fake.advance(1.0)
+            await asyncio.sleep(0.01)
+        assert resp.status == 200 and (await read_sse(resp))[-1] == "[DONE]"
+        resp.close()
+        await wait_until(lambda: lb.active() == 0, what="leases released")

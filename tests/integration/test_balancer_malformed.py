@@ -77,7 +77,7 @@ async def test_malformed_requests_get_4xx_while_a_stream_continues() -> None:
         )
         assert _status(broken_chunks) == 400
         bad_upgrade = await _raw(
-            lb, b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+            lb, b"GET /v1/realtime HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
         )
         assert _status(bad_upgrade) == 400
         assert lb.active() == 1  # only the healthy stream holds a lease
@@ -108,9 +108,9 @@ async def test_large_bodies_stream_through_and_over_limit_chunked_uploads_get_41
     try:
         async with balancer([address], retry_buffer_bytes=2000, max_body_bytes=50_000) as lb:
             async with aiohttp.ClientSession() as http:
-                async with http.post(f"{lb.url}/upload", data=chunks(40_000)) as resp:
+                async with http.post(f"{lb.url}/v1/upload", data=chunks(40_000)) as resp:
                     assert resp.status == 200
-                async with http.post(f"{lb.url}/upload", data=chunks(80_000)) as resp:
+                async with http.post(f"{lb.url}/v1/upload", data=chunks(80_000)) as resp:
                     assert resp.status == 413
                     assert "exceeds the limit" in (await resp.json())["error"]["message"]
             assert received[0] == 40_000

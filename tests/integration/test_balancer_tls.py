@@ -51,3 +51,34 @@ async def test_mutual_tls_on_the_listener_and_to_the_backend(tmp_path: Path) -> 
             assert lb.bal.pool.backends[backend].completed == 1
     finally:
         await runner.cleanup()
+
+
+async def test_admin_tls_is_separate_and_the_controller_reads_signals_over_https(tmp_path: Path) -> None:
+    """M5: turning on client TLS also put TLS on the admin listener, which the controller (hard-coded http://)
+    and the probes could not read, so capacity was held forever."""
+    from contract import clock as clock_mod
+    from controller.demand import balancers, registry
+
+    pki = make_pki(tmp_path)
+    now = clock_mod.SYSTEM.now()
+    async with balancer(["127.0.0.1:9"], tls_cert=pki.server_cert, tls_key=pki.server_key) as lb:
+        replica = lb.admin_url.removeprefix("http://")
+        async with balancers.signals_session(timeout_s=5.0) as http:
+            reading = await balancers.fetch_signals(http, [replica], now=now, stale_after_s=60.0)
+        assert reading.snapshot is not None, reading.errors  # client TLS left the admin listener plain
+    async with balancer(["127.0.0.1:9"], admin_tls_cert=pki.server_cert, admin_tls_key=pki.server_key) as lb:
+        replica = lb.admin_url.removeprefix("http://")
+        async with balancers.signals_session(timeout_s=5.0, ca_file=pki.ca) as http:
+            reading = await balancers.fetch_signals(
+                http, [replica], now=now, stale_after_s=60.0, scheme="https"
+            )
+            assert reading.snapshot is not None, reading.errors
+            plain = await balancers.fetch_signals(http, [replica], now=now, stale_after_s=60.0)
+            assert plain.snapshot is None  # the admin listener now speaks TLS only
+        async with balancers.signals_session(timeout_s=5.0) as http:  # no CA: the certificate is not trusted
+            untrusted = await balancers.fetch_signals(
+                http, [replica], now=now, stale_after_s=60.0, scheme="https"
+            )
+            assert untrusted.snapshot is None and "unreachable" in untrusted.errors[0]
+    with pytest.raises(ValueError, match="signals_scheme must be 'http' or 'https'"):
+        registry.Demands(signals_scheme="ftp")

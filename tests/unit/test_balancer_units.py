@@ -70,6 +70,36 @@ def test_errors_hidden_in_200s_are_found(
     assert health.response_error(first, last or first, content_type=content_type) == reason
 
 
+TOOL_FAILED = b'{"jsonrpc": "2.0", "id": 1, "result": {"content": [], "isError": true}}'
+INTERNAL = b'{"jsonrpc": "2.0", "id": 1, "error": {"code": -32603, "message": "boom"}}'
+BAD_PARAMS = b'{"jsonrpc": "2.0", "id": 1, "error": {"code": -32602, "message": "bad"}}'
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "mcp", "in_session", "verdict"),
+    [
+        (200, TOOL_FAILED, True, True, ("client_error", False)),
+        (200, TOOL_FAILED, True, False, ("client_error", False)),
+        (200, INTERNAL, True, True, ("client_error", False)),  # inside the client's own session
+        (200, INTERNAL, True, False, ("jsonrpc_error", True)),  # stateless: a sick backend
+        (200, BAD_PARAMS, True, False, ("client_error", False)),
+        (200, INTERNAL, False, False, ("jsonrpc_error", True)),  # not MCP: as before
+        (404, b"{}", True, True, ("client_error", False)),
+        (429, b"{}", False, False, ("client_error", False)),
+        (502, b"{}", True, True, ("status_502", True)),
+        (200, b'{"jsonrpc": "2.0", "id": 1, "result": {}}', True, False, None),
+    ],
+)
+def test_blame_separates_client_caused_errors_from_backend_faults(
+    status: int, body: bytes, mcp: bool, in_session: bool, verdict: tuple[str, bool] | None
+) -> None:
+    """H1: a client's failing tool calls in its own session must never eject the backend."""
+    got = health.blame(
+        body, body, status=status, content_type="application/json", mcp=mcp, in_session=in_session
+    )
+    assert got == verdict
+
+
 def test_ejection_grows_and_never_takes_more_than_the_allowed_fraction() -> None:
     fake = clock_mod.FakeClock()
     bal = _balancer(2, clock=fake, consecutive_failures=2, base_ejection_s=5.0, max_ejection_s=12.0)
@@ -114,14 +144,66 @@ def test_new_sessions_respect_the_bounded_load() -> None:
     assert (a.sessions, b.sessions) == (10, 10)
 
 
-def test_session_of_a_removed_backend_is_gone() -> None:
+def test_sealed_session_routes_to_its_backend_and_restores_its_id() -> None:
     bal = _balancer(2)
+    sealed = bal.seal.seal("10.0.0.1:80", "backend-own-id")
+    assert sealed.isascii() and "10.0.0.1" not in sealed and "backend-own-id" not in sealed
+    route = bal.open_session(sealed)
+    assert route.refusal is None and route.backend is bal.pool.backends["10.0.0.1:80"]
+    assert route.backend_session_id == "backend-own-id"
+
+
+def test_forged_or_foreign_session_ids_do_not_open() -> None:
+    bal, other = _balancer(2), _balancer(2)
+    sealed = bal.seal.seal("10.0.0.1:80", "sid")
+    tampered = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    for forged in (tampered, other.seal.seal("10.0.0.1:80", "sid"), "abc", "", "x" * 5000, "%%%"):
+        assert bal.open_session(forged).refusal == "unknown"
+
+
+def test_session_of_a_removed_backend_is_gone_and_of_an_ejected_one_is_kept() -> None:
+    fake = clock_mod.FakeClock()
+    bal = _balancer(3, clock=fake, consecutive_failures=1, base_ejection_s=10.0)
     a = bal.pool.backends["10.0.0.0:80"]
-    bal.sessions.bind("abc", a)
-    assert bal.sessions.lookup("abc") is a
+    sealed = bal.seal.seal(a.address, "sid")
+    bal.sessions.bind(sealed, a, client="1.2.3.4")
+    assert bal.outliers.failure(a, "connect")
+    route = bal.open_session(sealed)
+    assert route.refusal == "ejected" and route.retry_after_s == 10.0
+    assert len(bal.sessions) == 1 and a.sessions == 1  # kept while ejected
+    fake.advance(10.0)
+    assert bal.open_session(sealed).refusal is None
     bal.pool.sync([BackendSpec(address="10.0.0.1:80")], source="inline")
-    assert bal.sessions.lookup("abc") is None
+    assert bal.open_session(sealed).refusal == "gone"
     assert len(bal.sessions) == 0 and a.sessions == 0
+
+
+def test_session_keys_come_from_a_shared_file_and_rotate(tmp_path: Path) -> None:
+    import base64
+
+    old, new = (base64.b64encode(bytes([i]) * 32).decode() for i in (1, 2))
+    path = tmp_path / "keys"
+    path.write_text(old + "\n")
+    first = sessions.SessionSeal.from_file(path)
+    sealed_old = first.seal("10.0.0.1:80", "sid")
+    path.write_text(f"{new}\n{old}\n")
+    rotated = sessions.SessionSeal.from_file(path)
+    assert rotated.open(sealed_old) == ("10.0.0.1:80", "sid")  # old ids still open
+    assert first.open(rotated.seal("10.0.0.1:80", "x")) is None  # new ids use the new key
+    path.write_text("not base64 of 32 bytes\n")
+    with pytest.raises(ConfigError, match="line 1: expected base64 of 32"):
+        sessions.SessionSeal.from_file(path)
+
+
+def test_session_table_is_bounded_per_client_without_breaking_routing() -> None:
+    bal = _balancer(1, max_sessions_per_client=3)
+    backend = next(iter(bal.pool.backends.values()))
+    ids = [bal.seal.seal(backend.address, f"s{i}") for i in range(10)]
+    for sid in ids:
+        bal.sessions.bind(sid, backend, client="10.9.9.9")
+    bal.sessions.bind(bal.seal.seal(backend.address, "other"), backend, client="10.8.8.8")
+    assert bal.sessions.counted("10.9.9.9") == 3 and len(bal.sessions) == 4 and backend.sessions == 4
+    assert bal.open_session(ids[0]).backend is backend  # evicted from the count, still routable
 
 
 def test_idle_sessions_expire() -> None:
@@ -133,7 +215,7 @@ def test_idle_sessions_expire() -> None:
     bal.sessions.bind("new", backend)
     fake.advance(40.0)
     assert bal.sessions.expire() == 1
-    assert bal.sessions.lookup("new") is backend and bal.sessions.lookup("old") is None
+    assert len(bal.sessions) == 1 and backend.sessions == 1
 
 
 def test_consistent_hashing_keeps_keys_and_moves_few_when_a_backend_joins() -> None:
