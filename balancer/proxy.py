@@ -389,7 +389,7 @@ async def _relay(
             backend.count_failure("client_gone")
         elif _notification_stream(request, plan) and lease.idle_timed_out:
             backend.count_failure("idle_notifications")  # a quiet MCP GET stream is normal, not a fault
-            await _end_quietly(request, resp)
+            await _end_quietly(request, resp, pipe=pipe, chunked=chunked)
         else:
             bal.outliers.failure(backend, "timeout" if lease.idle_timed_out else "midstream")
             await _end_broken(request, resp, content_type, pipe=pipe)
@@ -400,7 +400,7 @@ async def _relay(
             backend.count_failure("client_gone")
         elif _notification_stream(request, plan) and (lease.idle_timed_out or isinstance(exc, TimeoutError)):
             backend.count_failure("idle_notifications")
-            await _end_quietly(request, resp)
+            await _end_quietly(request, resp, pipe=pipe, chunked=chunked)
         else:
             timed_out = isinstance(exc, TimeoutError) or lease.idle_timed_out
             bal.outliers.failure(backend, "timeout" if timed_out else "midstream")
@@ -564,10 +564,21 @@ async def _end_broken(
         request.transport.close()
 
 
-async def _end_quietly(request: web.Request, resp: web.StreamResponse) -> None:
-    """End a stream that did nothing wrong (a quiet notification stream): a clean end; the client reconnects."""
+async def _end_quietly(
+    request: web.Request, resp: web.StreamResponse, *, pipe: relay.Pipe | None = None, chunked: bool = False
+) -> None:
+    """End a stream that did nothing wrong (a quiet notification stream): a clean end; the client reconnects.
+
+    On the protocol path (`pipe`) only a chunked body between chunks can end cleanly (its last chunk is
+    written here); otherwise the connection is closed, which the client also reads as the stream's end.
+    """
     try:
-        if resp.prepared:
+        if pipe is not None:
+            if chunked and pipe.between_chunks and request.transport is not None and resp.prepared:
+                request.transport.write(b"0\r\n\r\n")
+                await resp.write_eof()
+                return
+        elif resp.prepared:
             await resp.write_eof()
             return
     except (ConnectionResetError, aiohttp.ClientError):
