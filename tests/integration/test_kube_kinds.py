@@ -162,7 +162,7 @@ async def test_a_target_scaled_by_an_hpa_or_keda_gets_a_condition_and_is_left_al
     assert (ready["status"], ready["reason"]) == ("False", "ScaledByOther")
     assert named in ready["message"]
     with pytest.raises(errors.Refused):
-        await asyncio.to_thread(env.controller._state[(NS, "chat")].cluster.state)  # type: ignore[union-attr]
+        await asyncio.to_thread(env.controller._state[(NS, "chat")].pipeline.cluster.state)  # type: ignore[union-attr]
 
 
 async def test_a_statefulset_target_reports_highest_ordinal_removal(env: Env) -> None:
