@@ -40,7 +40,7 @@ from contract import clock as clock_mod
 from controller import cluster, decide, loop, metrics
 from controller.demand import registry as demand_registry
 from controller.kube import api as kube_api_mod
-from dashboards import generate
+from dashboards import generate, panels
 from tests.fakes import e2e_kubelet, e2e_load, kube_api, prometheus
 from tests.fakes.balancer_env import start_app
 
@@ -231,7 +231,7 @@ async def prometheus_in_thread(tmp: Path, scrape_configs: list[dict[str, Any]]) 
 def dashboard_targets() -> list[tuple[str, str, str, bool]]:
     """(dashboard, panel, PromQL, instant) of every panel target in the generated JSON Grafana loads."""
     out = []
-    for spec in generate.DASHBOARDS:
+    for spec in panels.DASHBOARDS:
         data = json.loads((generate.OUT_DIR / spec.filename).read_text())
         for panel in data["panels"]:
             for target in panel.get("targets", []):
