@@ -383,28 +383,23 @@ async def _relay(
         if pipe.outcome == relay.DONE:
             await resp.write_eof()
             ok = True
-        elif lease.client_stalled:
-            backend.count_failure("client_stalled")
-        elif pipe.outcome == relay.CLIENT_GONE:
-            backend.count_failure("client_gone")
-        elif _notification_stream(request, plan) and lease.idle_timed_out:
-            backend.count_failure("idle_notifications")  # a quiet MCP GET stream is normal, not a fault
-            await _end_quietly(request, resp, pipe=pipe, chunked=chunked)
         else:
-            bal.outliers.failure(backend, "timeout" if lease.idle_timed_out else "midstream")
-            await _end_broken(request, resp, content_type, pipe=pipe)
+            await _end_failed(
+                request,
+                resp,
+                bal,
+                lease,
+                plan,
+                content_type,
+                timed_out=lease.idle_timed_out,
+                pipe=pipe,
+                chunked=chunked,
+            )
     except (ConnectionResetError, aiohttp.ClientError, TimeoutError) as exc:
-        if lease.client_stalled:
-            backend.count_failure("client_stalled")
-        elif _client_gone(request):
-            backend.count_failure("client_gone")
-        elif _notification_stream(request, plan) and (lease.idle_timed_out or isinstance(exc, TimeoutError)):
-            backend.count_failure("idle_notifications")
-            await _end_quietly(request, resp, pipe=pipe, chunked=chunked)
-        else:
-            timed_out = isinstance(exc, TimeoutError) or lease.idle_timed_out
-            bal.outliers.failure(backend, "timeout" if timed_out else "midstream")
-            await _end_broken(request, resp, content_type, pipe=pipe)
+        timed_out = isinstance(exc, TimeoutError) or lease.idle_timed_out
+        await _end_failed(
+            request, resp, bal, lease, plan, content_type, timed_out=timed_out, pipe=pipe, chunked=chunked
+        )
     finally:
         if pipe is not None:
             backend.relayed_bytes += pipe.total_bytes
@@ -455,17 +450,8 @@ async def _relay_streamed(
         await resp.write_eof()
         ok = True
     except (ConnectionResetError, aiohttp.ClientError, TimeoutError) as exc:
-        if lease.client_stalled:
-            backend.count_failure("client_stalled")
-        elif _client_gone(request):
-            backend.count_failure("client_gone")
-        elif _notification_stream(request, plan) and (lease.idle_timed_out or isinstance(exc, TimeoutError)):
-            backend.count_failure("idle_notifications")  # a quiet MCP GET stream is normal, not a fault
-            await _end_quietly(request, resp)
-        else:
-            timed_out = isinstance(exc, TimeoutError) or lease.idle_timed_out
-            bal.outliers.failure(backend, "timeout" if timed_out else "midstream")
-            await _end_broken(request, resp, content_type, pipe=None)
+        timed_out = isinstance(exc, TimeoutError) or lease.idle_timed_out
+        await _end_failed(request, resp, bal, lease, plan, content_type, timed_out=timed_out)
     finally:
         backend.relayed_bytes += content.total_bytes
         lease.release()
@@ -534,6 +520,33 @@ def _judge(
         bal.outliers.failure(backend, verdict[0])
     else:
         backend.count_failure(verdict[0])
+
+
+async def _end_failed(
+    request: web.Request,
+    resp: web.StreamResponse,
+    bal: Balancer,
+    lease: Lease,
+    plan: _Plan,
+    content_type: str,
+    *,
+    timed_out: bool,
+    pipe: relay.Pipe | None = None,
+    chunked: bool = False,
+) -> None:
+    """Blame and end a stream that did not finish: the client's fault (it stalled or left), nobody's (a quiet
+    MCP notification stream timed out), or the backend's (it went quiet or broke mid-stream)."""
+    backend = lease.backend
+    if lease.client_stalled:
+        backend.count_failure("client_stalled")
+    elif _client_gone(request) or (pipe is not None and pipe.outcome == relay.CLIENT_GONE):
+        backend.count_failure("client_gone")
+    elif _notification_stream(request, plan) and timed_out:
+        backend.count_failure("idle_notifications")  # a quiet MCP GET stream is normal, not a fault
+        await _end_quietly(request, resp, pipe=pipe, chunked=chunked)
+    else:
+        bal.outliers.failure(backend, "timeout" if timed_out else "midstream")
+        await _end_broken(request, resp, content_type, pipe=pipe)
 
 
 def _notification_stream(request: web.Request, plan: _Plan) -> bool:
