@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,24 @@ def overrides_from(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Build the configuration, then serve until SIGTERM/SIGINT."""
+    return serve(
+        "forestall balancer",
+        args,
+        overrides=lambda: overrides_from(args),
+        main=lambda config: _main(config, grace_s=args.shutdown_grace_s),
+    )
+
+
+def serve(
+    command: str,
+    args: argparse.Namespace,
+    *,
+    overrides: Callable[[], dict[str, Any]],
+    main: Callable[[Any], Coroutine[Any, Any, None]],
+) -> int:
+    """Log at `--log-level`, build the configuration (file, then `overrides()` from the flags), run `main(config)` on uvloop when
+    installed; exit 2 with `command`'s name on an invalid configuration. Shared by the balancer and the picker.
+    """
     import asyncio
     import logging
 
@@ -149,9 +168,9 @@ def run(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config = config_mod.build(file=args.config, overrides=overrides_from(args))
+        config = config_mod.build(file=args.config, overrides=overrides())
     except (ConfigError, ValueError) as exc:
-        print(f"forestall balancer: invalid configuration: {exc}", file=sys.stderr)
+        print(f"{command}: invalid configuration: {exc}", file=sys.stderr)
         return 2
     try:
         import uvloop
@@ -160,9 +179,9 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     try:
-        asyncio.run(_main(config, grace_s=args.shutdown_grace_s))
+        asyncio.run(main(config))
     except ConfigError as exc:
-        print(f"forestall balancer: {exc}", file=sys.stderr)
+        print(f"{command}: {exc}", file=sys.stderr)
         return 2
     return 0
 

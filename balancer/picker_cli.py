@@ -96,15 +96,6 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Build the configuration, then serve until SIGTERM/SIGINT."""
-    import asyncio
-    import logging
-
-    from balancer import config as config_mod
-    from balancer.errors import ConfigError
-
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     try:
         import grpc  # noqa: F401  (only to say what is missing before anything starts)
     except ImportError:
@@ -113,25 +104,16 @@ def run(args: argparse.Namespace) -> int:
     if args.fallbacks < 0:
         print(f"forestall picker: --fallbacks must be >= 0, got {args.fallbacks}", file=sys.stderr)
         return 2
-    overrides = balancer_cli.overrides_from(args)
-    overrides["kube_inference_pools"] = args.kube_inference_pools
-    try:
-        config = config_mod.build(file=args.config, overrides=overrides)
-    except (ConfigError, ValueError) as exc:
-        print(f"forestall picker: invalid configuration: {exc}", file=sys.stderr)
-        return 2
-    try:
-        import uvloop
 
-        uvloop.install()
-    except ImportError:
-        pass
-    try:
-        asyncio.run(_main(config, grace_s=args.shutdown_grace_s, fallbacks=args.fallbacks))
-    except ConfigError as exc:
-        print(f"forestall picker: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    def overrides() -> dict[str, Any]:
+        return {**balancer_cli.overrides_from(args), "kube_inference_pools": args.kube_inference_pools}
+
+    return balancer_cli.serve(
+        "forestall picker",
+        args,
+        overrides=overrides,
+        main=lambda config: _main(config, grace_s=args.shutdown_grace_s, fallbacks=args.fallbacks),
+    )
 
 
 async def _main(config: Any, *, grace_s: float, fallbacks: int) -> None:
