@@ -2,11 +2,11 @@
 
 Everything that needs time takes a `Clock` (real in production, `FakeClock` in tests and the simulator) so
 that tests control time with `advance()` instead of sleeping, and no test races the machine's load.
-`tests/unit/test_no_wall_clock.py` fails if another module calls `time.time()`, `time.monotonic()` or
+`tests/unit/test_clock.py` (`test_no_wall_clock_reads_outside_clock_module`) fails if another module calls `time.time()`, `time.monotonic()` or
 `datetime.now()` directly.
 
-It lives in `balancer/` because that is the lowest package that needs time (`forecast/` is given timestamps
-and never asks for them); the controller imports it from here.
+It lives in `contract/`, the one package the controller and the balancer both import (`forecast/` is given
+timestamps and never asks for them).
 """
 
 from __future__ import annotations
