@@ -1,1 +1,1 @@
-"""Forestall controller: the reconcile loop, the ScalingPolicy API and the `forestall` CLI."""
+"""Forestall controller: the ScalingPolicy API, `decide()`, the reconcile pipeline and the Kubernetes loop."""
