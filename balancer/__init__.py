@@ -6,7 +6,6 @@ requests were recently opened. It works with the controller: new pods warm up, d
 and report what is left on them, and `/signals` tells the controller where the load and the hotspots are.
 
 Modules, from the bottom up:
-    clock.py        the only place that reads time (FakeClock in tests)
     picking.py      pure choice of a backend from a snapshot (shared with the simulator)
     config.py       BalancerConfig and the backends-file schema (flags / env / file), errors.py
     backends.py     the backend table and stream leases
@@ -17,9 +16,10 @@ Modules, from the bottom up:
     inbound.py      what the client listener accepts and forwards (routes, methods, header bytes, hygiene)
     responses.py    the balancer's own answers (generic JSON errors) and log redaction
     proxy.py        the HTTP relay and its attempt state machine; websockets.py the WebSocket relay
+    relay.py        the body relay at the asyncio-protocol level (after the response head)
     discovery.py    static backends file; endpointslices.py Kubernetes EndpointSlices over plain REST
-    scraping.py     backend-reported queues from vLLM /metrics
-    reporting.py    hotspots and the /signals document (schema in signals.py); metrics.py Prometheus
+    scraping.py     backend-reported queues from /metrics; capacity.py the concurrency limit learned from them
+    reporting.py    hotspots and the /signals document (schema in contract/signals.py); metrics.py Prometheus
     listeners.py    client connection caps, header deadline, keep-alive, quiet malformed-request logs
     app.py          the proxy and admin aiohttp apps, background tasks, listeners (TLS, admin TLS)
     cli.py          `forestall balancer`
